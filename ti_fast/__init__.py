@@ -1,0 +1,2 @@
+"""ti-fast: fast, lean textual-inversion training for Stable Diffusion 1.x."""
+__version__ = "0.1.0"

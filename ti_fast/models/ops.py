@@ -1,0 +1,76 @@
+"""The one dispatch point for fused elementwise/normalisation ops (GroupNorm+SiLU, GEGLU).
+
+`set_kernels("auto" | "triton" | "torch")` picks, once per process, whether CUDA tensors go
+through the Triton kernels in ti_fast.kernels; CPU tensors always take the PyTorch path.
+"auto" uses Triton when it imports and falls back with one printed line; an explicit
+"triton" that cannot run fails loudly.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_mode = {"name": os.environ.get("TI_FAST_KERNELS", "auto"), "triton": None}
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def _load_triton():
+    try:
+        from ti_fast.kernels import group_norm_silu as gn, geglu as gg
+        return gn, gg
+    except Exception as e:  # triton missing or broken
+        return e
+
+
+def set_kernels(name: str = "auto", verbose: bool = True) -> str:
+    """Choose the implementation of the fused ops; returns what will run on CUDA."""
+    if name not in ("auto", "triton", "torch"):
+        raise KernelError(f"unknown kernels choice {name!r}: use auto, triton or torch")
+    _mode["name"], _mode["triton"] = name, None
+    if name == "torch":
+        return "torch"
+    mods = _load_triton()
+    if isinstance(mods, Exception):
+        if name == "triton":
+            raise KernelError(f"Triton kernels requested but unavailable: {mods}")
+        if verbose and torch.cuda.is_available():
+            print(f"ti-fast: Triton kernels unavailable ({mods}); using PyTorch ops")
+        return "torch"
+    _mode["triton"] = mods
+    return "triton"
+
+
+def _triton_for(x: torch.Tensor):
+    if _mode["name"] == "torch":
+        return None
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    if _mode["triton"] is None:
+        set_kernels(_mode["name"], verbose=False)
+    return _mode["triton"]
+
+
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
+    """GroupNorm (statistics and affine in fp32, as the original GroupNorm32), optional SiLU.
+    x: [B, C, H, W] -> same shape and dtype."""
+    k = _triton_for(x)
+    if k is not None:
+        return k[0].group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    y = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """h: [..., 2F] -> value * gelu(gate): [..., F]; first half is the value (exact erf GELU)."""
+    k = _triton_for(h)
+    if k is not None:
+        return k[1].geglu(h)
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
