@@ -1,0 +1,183 @@
+"""`ti-fast`: the command line, a thin argparse layer over the Python API.
+
+  ti-fast train ...        train an embedding (ti-fast train --demo: the tiny built-in demo)
+  ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
+  ti-fast generate ...     txt2img with embeddings
+  ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+# (section, field, help). Defaults come from TrainConfig; booleans are switches.
+TRAIN_FLAGS = [
+    ("what to train", "name", "embedding name = trigger word (sanitised as A1111)"),
+    ("what to train", "data", "folder of training images (png/jpg/jpeg/webp/bmp)"),
+    ("what to train", "model", "SD1.x checkpoint: .safetensors, .ckpt, or a diffusers folder"),
+    ("what to train", "vae", "separate VAE file (with or without prefix)"),
+    ("what to train", "tokenizer", "tokenizer folder (vocab.json + merges.txt) when the model has none"),
+    ("what to train", "embedding", "start from this embedding file (keeps its step count)"),
+    ("what to train", "init_text", "initial vectors from these tokens' embeddings"),
+    ("what to train", "vectors", "vectors per token"),
+    ("data", "recursive", "also read images in sub-folders"),
+    ("data", "template", "prompt template: subject, subject_filewords, style, style_filewords, none, or a file"),
+    ("data", "shuffle_tags", "shuffle the comma-separated tags of each caption"),
+    ("data", "tag_dropout", "drop each caption tag with this probability"),
+    ("data", "width", "training width in px (multiple of 8)"),
+    ("data", "height", "training height in px (multiple of 8)"),
+    ("data", "resize", "crop (centred) or squash (A1111)"),
+    ("data", "buckets", "aspect-ratio buckets (sizes multiple of 64, batches within a bucket)"),
+    ("data", "flip", "also train on horizontally mirrored images (both cached)"),
+    ("data", "alpha_weight", "use the alpha channel as a per-pixel loss weight (else composite on white)"),
+    ("data", "latents", "once (one sample), deterministic (the mean), random (re-sampled each step)"),
+    ("data", "cache_dir", "keep encoded latents on disk here, keyed by image content and settings"),
+    ("optimisation", "steps", "TOTAL optimizer steps (an --embedding's earlier steps count)"),
+    ("optimisation", "lr", "learning rate or A1111 schedule, e.g. '0.005:100, 1e-3:1000, 1e-5'"),
+    ("optimisation", "batch_size", "images per micro-batch"),
+    ("optimisation", "grad_accum", "micro-batches per optimizer step"),
+    ("optimisation", "optimizer", "adamw or adamw8bit (bitsandbytes, 8-bit state)"),
+    ("optimisation", "clip_grad", "gradient clipping: value:X or norm:X (on unscaled gradients)"),
+    ("optimisation", "precision", "auto (bf16 if supported, else fp16; full on CPU), bf16, fp16, full"),
+    ("optimisation", "gradient_checkpointing", "recompute every UNet block in backward (less memory, slower)"),
+    ("optimisation", "attention", "attention backend: auto, sdpa, xformers, math, triton"),
+    ("optimisation", "seed", "random seed (default: drawn, recorded in settings.json)"),
+    ("optimisation", "clip_skip", "CLIP skip, A1111 numbering (1 = off)"),
+    ("optimisation", "device", "auto (cuda if available, else cpu), cuda, cuda:1, cpu"),
+    ("optimisation", "low_vram", "checkpoint the high-resolution blocks, VAE off the GPU (4-6 GB cards)"),
+    ("optimisation", "cuda_graph", "capture the static training step in a CUDA graph"),
+    ("outputs", "out", "folder for NAME.pt and NAME.safetensors"),
+    ("outputs", "log_dir", "log folder (default ./ti-logs/NAME)"),
+    ("outputs", "save_every", "save embeddings/NAME-STEP.pt and the resumable state every N steps (0 = end only)"),
+    ("outputs", "resume", "continue from the log dir's resumable state"),
+    ("outputs", "overwrite", "replace an existing NAME.pt / NAME.safetensors"),
+    ("outputs", "quiet", "no progress bar or messages"),
+    ("outputs", "check_every", "read the loss and the NaN flag every N steps on GPU (no per-step sync)"),
+    ("previews", "preview_every", "write a preview image every N steps (0 = off)"),
+    ("previews", "preview_prompt", "preview prompt (default: a training prompt)"),
+    ("previews", "preview_negative", "preview negative prompt"),
+    ("previews", "preview_seed", "preview seed (fixed, so previews compare across steps)"),
+    ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m"),
+    ("previews", "preview_steps", "preview sampling steps"),
+    ("previews", "preview_cfg", "preview CFG scale"),
+    ("previews", "png_embed", "at each preview step also write image_embeddings/NAME-STEP.png carrying the vectors"),
+]
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_train_args(p: argparse.ArgumentParser):
+    from .train.config import TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups = {}
+    for section, name, help_ in TRAIN_FLAGS:
+        g = groups.setdefault(section, p.add_argument_group(section))
+        f = fields[name]
+        default = f.default
+        if f.type in ("bool", bool) or isinstance(default, bool):
+            g.add_argument(_flag(name), action="store_true", default=argparse.SUPPRESS, help=f"{help_} (off)")
+            continue
+        typ = {int: int, float: float}.get(type(default), str)
+        if name in ("seed",):
+            typ = int
+        g.add_argument(_flag(name), type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
+                       help=f"{help_} (default: {default})")
+    p.add_argument("--no-half", action="store_true", default=argparse.SUPPRESS, help="same as --precision full")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (keys = flag names); flags override it")
+    p.add_argument("--demo", action="store_true", help="train on the built-in tiny demo (tiny random model, synthetic images)")
+
+
+def cmd_train(a) -> int:
+    from .train.config import TrainConfig, TrainError
+    from .train.loop import train
+    over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
+    if getattr(a, "no_half", False):
+        over["precision"] = "full"
+    try:
+        if a.demo:
+            from .train.demo import demo_config
+            cfg = demo_config(**over)
+        elif a.config:
+            cfg = TrainConfig.from_toml(a.config, **over)
+        else:
+            cfg = TrainConfig(**over)
+        res = train(cfg, handle_signals=True)
+    except TrainError as e:
+        print(f"ti-fast: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if res.status == "completed" else 130
+
+
+def cmd_make_tiny(a) -> int:
+    from .loading import make_tiny
+    path = make_tiny(a.out_dir, layout=a.layout, seed=a.seed)
+    print(path)
+    return 0
+
+
+def cmd_create(a) -> int:
+    from .embeddings import Embedding, save_pt, sanitize_name, init_vectors, EmbeddingError
+    from .loading import load_model, ModelLoadError
+    from pathlib import Path
+    if a.vectors < 1:
+        print(f"ti-fast: error: --vectors must be at least 1 (got {a.vectors})", file=sys.stderr)
+        return 2
+    try:
+        name = sanitize_name(a.name)
+        model = load_model(a.model, tokenizer=a.tokenizer)
+    except (EmbeddingError, ModelLoadError) as e:
+        print(f"ti-fast: error: {e}", file=sys.stderr)
+        return 2
+    path = Path(a.out) / f"{name}.pt"
+    if path.exists() and not a.overwrite:
+        print(f"ti-fast: error: {path} exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
+    ids = model.tokenizer(a.init_text, add_special_tokens=False)["input_ids"]
+    vecs = init_vectors(model.text_encoder.token_table.detach().float().cpu(), ids, a.vectors)
+    save_pt(Embedding(name=name, vectors=vecs, step=0, sd_checkpoint=model.info.hash,
+                      sd_checkpoint_name=model.info.name, path=None), path)
+    print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ti-fast", description="Fast, lean textual-inversion training for SD 1.x")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train an embedding", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("create", help="write a fresh embedding (A1111's create-embedding)")
+    c.add_argument("name", help="embedding name (trigger word)")
+    c.add_argument("--init-text", default="*", help="initial vectors from these tokens (default: *)")
+    c.add_argument("--vectors", type=int, default=1, help="vectors per token (default: 1)")
+    c.add_argument("--out", default="embeddings", help="output folder (default: embeddings)")
+    c.add_argument("--model", required=True, help="model whose token table initialises the vectors")
+    c.add_argument("--tokenizer", default=None, help="tokenizer folder when the model has none")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    c.set_defaults(func=cmd_create)
+
+    m = sub.add_parser("make-tiny", help="write a tiny random SD1-shaped model (tests, demo)")
+    m.add_argument("out_dir")
+    m.add_argument("--layout", choices=("single", "diffusers"), default="single")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_tiny)
+
+    try:
+        from .sample.cli import add_generate_parser
+        add_generate_parser(sub)
+    except ImportError:
+        pass
+
+    a = p.parse_args(argv)
+    if a.cmd == "train" and not hasattr(a, "demo"):
+        a.demo = False
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
