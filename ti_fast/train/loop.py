@@ -234,12 +234,11 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     scaler = LossScaler() if dtype == torch.float16 else None
     step_fn = TrainStep(unet, te, vectors, optimizer, generator=gen, clip_skip=cfg.clip_skip,
                         clip_grad=clip_grad, scaler=scaler)
-    epoch, pos = 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(_tuple(state["py_rng"]))
         gen.set_state(state["gen"])
-        epoch, pos = int(state["epoch"]), int(state["pos"])
+        order.load_state_dict(state["order"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
@@ -253,9 +252,9 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                 "versions": _versions()}
     write_settings(log_dir / "settings.json", settings)
 
-    def snapshot(step, ep, ps):
+    def snapshot(step):
         return {"vectors": vectors.detach().float().cpu().clone(), "optimizer": _cpu_state(optimizer.state_dict()),
-                "step": step, "epoch": ep, "pos": ps, "seed": seed, "py_rng": rng.getstate(),
+                "step": step, "order": order.state_dict(), "seed": seed, "py_rng": rng.getstate(),
                 "gen": gen.get_state(), "scaler": scaler.state_dict() if scaler else None, "name": name}
 
     def embedding(vecs, step):
@@ -281,7 +280,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     stopper = _Stopper(cancel, callback, handle_signals)
     check_every = 1 if device.type != "cuda" else cfg.check_every
     step = start_step
-    good = snapshot(step, epoch, pos)
+    good = snapshot(step)
     pending = []                                   # (step, epoch, epoch_step, lr, loss tensor, finite tensor)
     bar = None
     if not cfg.quiet:
@@ -317,7 +316,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         if bar is not None:
             bar.update(n)
             bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.rate(step - 1):.2g}", refresh=False)
-        good = snapshot(step, epoch, pos)
+        good = snapshot(step)
         return None
 
     try:
@@ -330,14 +329,14 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                 g["lr"] = lr
             mbs = []
             for _ in range(cfg.grad_accum):
-                batch, epoch, pos = order.next(epoch, pos)
+                batch = order.next_batch()
                 mbs.append(_micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg, rng, device))
             if t0 is None:
                 t0 = time.perf_counter()
             loss, finite = step_fn(mbs)
             step += 1
             samples += cfg.batch_size * cfg.grad_accum
-            pending.append((step, epoch, pos, lr, loss, finite))
+            pending.append((step, order.epoch, order.position, lr, loss, finite))
             if step == start_step + 1:
                 settings["launch_to_first_step_s"] = round(time.perf_counter() - t_launch, 3)
             due_save = cfg.save_every and step % cfg.save_every == 0
@@ -351,7 +350,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                         f"to {pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
             if due_save:
                 save_pt(embedding(vectors, step), log_dir / "embeddings" / f"{name}-{step}.pt")
-                save_state(state_path, snapshot(step, epoch, pos))
+                save_state(state_path, snapshot(step))
                 loss_log.flush()
                 plot_loss(loss_log.losses(), log_dir / "loss.png", title=f"{name} loss")
             if due_prev:
@@ -362,7 +361,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
             raise NonFiniteLossError(
                 f"loss became NaN/inf at step {bad}; restored the vectors of step {good['step']} and saved them "
                 f"to {pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
-        save_final(snapshot(step, epoch, pos))
+        save_final(snapshot(step))
     except NonFiniteLossError:
         raise
     except BaseException as e:
@@ -372,7 +371,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         except BaseException:
             bad = True
         try:
-            save_final(good if bad is not None else snapshot(step, epoch, pos))
+            save_final(good if bad is not None else snapshot(step))
         except BaseException as save_err:  # pragma: no cover - disk full etc.
             say(f"ti-fast: could not save after the error: {save_err}")
         if _is_oom(e):
@@ -426,11 +425,11 @@ def _micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg,
 
 
 def _latent_weight(item, down, flip, device):
-    """Alpha map [H, W] -> per-latent-pixel weight [F, 1, h, w] (area average)."""
-    w = torch.as_tensor(item.weight, dtype=torch.float32)[None, None]
-    w = torch.nn.functional.avg_pool2d(w, down)
-    ws = [w[0]] + ([w[0].flip(-1)] if flip else [])
-    return torch.stack(ws).to(device)
+    """Alpha map [H, W] -> per-latent-pixel weight [F, 1, h, w] (block mean, scaled to mean 1)."""
+    from .data import latent_weight
+    w = latent_weight(item.weight, down)                    # [h, w]
+    ws = [w] + ([w.flip(-1)] if flip else [])
+    return torch.stack(ws)[:, None].to(device)
 
 
 def _first_prompt(lines, name, items):
