@@ -1,0 +1,59 @@
+"""New embeddings, initialised as A1111's create_embedding does (v1.10.1
+modules/textual_inversion/textual_inversion.py):
+
+    ids = tokenizer(init_text, max_length=n, add_special_tokens=False)   # truncated to n
+    embedded = token_embedding(ids)                                      # [k, D], k <= n
+    vec[i] = embedded[i * k // n]   for i in range(n)                    # spread over n rows
+    (empty init text -> zeros)
+
+so "a dog" (k=2) into n=4 vectors gives rows [a, a, dog, dog]. The caller tokenizes (no
+BOS/EOS); this module needs only the token-embedding table.
+"""
+from __future__ import annotations
+
+import torch
+
+from ti_fast.embeddings.formats import Embedding, EmbeddingError
+
+# A 77-token CLIP window holds 75 prompt tokens; a longer embedding can never fit in one chunk.
+MAX_VECTORS = 75
+
+
+def sanitize_name(name: str) -> str:
+    """A1111's rule for embedding names: keep alphanumerics and "._- ", drop the rest.
+    The result is the trigger word and the file stem, so it must not be empty."""
+    clean = "".join(ch for ch in str(name) if ch.isalnum() or ch in "._- ")
+    if not clean.strip(" ."):
+        raise EmbeddingError(f"embedding name {name!r}: nothing left after removing characters "
+                             f"other than letters, digits and '._- '")
+    return clean
+
+
+@torch.no_grad()
+def init_vectors(token_table: torch.Tensor, token_ids: list[int], n: int) -> torch.Tensor:
+    """Initial vectors [n, D] float32 from the token-embedding table [V, D].
+
+    token_ids: the init text's ids without BOS/EOS; only the first n are used (A1111 asks the
+    tokenizer for max_length=n). Row i copies token ids[i * k // n], k = min(len(ids), n)."""
+    if not 1 <= n <= MAX_VECTORS:
+        raise ValueError(f"vectors per token must be 1..{MAX_VECTORS}, got {n}")
+    if token_table.ndim != 2:
+        raise ValueError(f"token table must be [vocab, width], got {list(token_table.shape)}")
+    vocab, width = token_table.shape
+    ids = [int(t) for t in token_ids][:n]
+    out = torch.zeros(n, width, dtype=torch.float32)
+    if not ids:
+        return out
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token ids {bad} outside the vocabulary of {vocab}")
+    k = len(ids)
+    rows = torch.tensor([ids[i * k // n] for i in range(n)], dtype=torch.long)
+    # Index on the table's device first: moving the whole [49408, 768] table would copy 150 MB.
+    out.copy_(token_table.detach()[rows.to(token_table.device)].to("cpu", torch.float32))
+    return out
+
+
+def create_embedding(name: str, token_table: torch.Tensor, token_ids: list[int], n: int) -> Embedding:
+    """A fresh embedding at step 0 named by sanitize_name(name); not yet saved (path None)."""
+    return Embedding(name=sanitize_name(name), vectors=init_vectors(token_table, token_ids, n), step=0)
