@@ -44,7 +44,8 @@ def demo_config(base: str | Path = "ti-demo", **overrides) -> TrainConfig:
         make_demo_images(images)
     cfg = dict(name="demo-ring", data=str(images), model=str(model), width=64, height=64, steps=150,
                lr="0.05:100, 0.02", save_every=50, template="subject_filewords", init_text="ring",
-               vectors=2, out=str(base / "embeddings"), log_dir=str(base / "logs"), seed=0, overwrite=True)
+               vectors=2, out=str(base / "embeddings"), log_dir=str(base / "logs"), seed=0, overwrite=True,
+               preview_every=50, preview_steps=12, preview_prompt="a photo of a demo-ring")
     cfg.update(overrides)
     if cfg.get("resume"):
         cfg["overwrite"] = False

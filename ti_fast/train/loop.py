@@ -242,6 +242,10 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
+    if cfg.cuda_graph:
+        from .graph import maybe_graphed
+        step_fn = maybe_graphed(step_fn, say=say)   # bf16/fp32 + torch AdamW on CUDA; else one line, eager
+
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "embeddings").mkdir(exist_ok=True)
     loss_log = LossLog(log_dir / "loss.csv", resume_step=start_step if cfg.resume else 0)
@@ -338,6 +342,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
             samples += cfg.batch_size * cfg.grad_accum
             pending.append((step, order.epoch, order.position, lr, loss, finite))
             if step == start_step + 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)      # once: time the first step finished, not issued
                 settings["launch_to_first_step_s"] = round(time.perf_counter() - t_launch, 3)
             due_save = cfg.save_every and step % cfg.save_every == 0
             due_prev = preview is not None and cfg.preview_every and step % cfg.preview_every == 0

@@ -1,0 +1,159 @@
+"""Benchmark: fused GroupNorm+SiLU (kernels/group_norm_silu.py) against the PyTorch paths it
+replaces, at SD1.5 UNet shapes (32 groups), bf16 and fp16, NCHW and channels_last. GPU only.
+
+    python -m bench.bench_group_norm_silu [--dtypes bf16,fp16] [--layouts nchw,nhwc] [--iters 50]
+
+Implementations (weights fp32 and frozen, as GroupNorm32 in TI; backward = input gradient):
+  triton        ti_fast.kernels.group_norm_silu.group_norm_silu
+  torch_fp32    the ti_fast/models/ops.py torch path (= group_norm_silu_ref): F.group_norm on
+                x.float(), F.silu, cast back
+  torch_native  F.group_norm in x's dtype, then F.silu
+Each is timed forward and forward+backward, eagerly (CUDA events around back-to-back calls:
+what an eager training loop sees, launch overhead included) and replayed from a CUDA graph
+(GPU time only, what the graph-captured trainer sees). GB/s counts one read of x and one write
+of y (forward). Prints a table, then one JSON line; `run()` returns the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import environment, time_fn
+
+OP = "group_norm_silu"
+GROUPS, EPS = 32, 1e-5
+SHAPES = [(4, 320, 64, 64), (4, 640, 32, 32), (4, 1280, 16, 16)]  # [B, C, H, W]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYOUTS = ("nchw", "nhwc")
+
+
+def graph_ms(fn, device, warmup: int, iters: int, tag: str = OP) -> float | None:
+    """ms per replay of fn captured in a CUDA graph; None when capture fails."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up (allocations, autotune, compiles) off-graph
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, device, warmup=warmup, iters=iters)
+    except Exception as e:  # report, keep benchmarking
+        print(f"bench_{tag}: CUDA graph capture failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def _impls(C: int, device) -> dict:
+    from ti_fast.kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
+    w = torch.rand(C, device=device) + 0.5
+    b = torch.randn(C, device=device) * 0.1
+    return {
+        "triton": lambda x: group_norm_silu(x, w, b, GROUPS, EPS, True),
+        "torch_fp32": lambda x: group_norm_silu_ref(x, w, b, GROUPS, EPS, True),
+        "torch_native": lambda x: F.silu(F.group_norm(x, GROUPS, w.to(x.dtype), b.to(x.dtype),
+                                                      EPS)),
+    }
+
+
+def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 10) -> list[dict]:
+    """One row per (shape, dtype, layout, implementation). dtypes: names ('bf16', 'fp16',
+    'fp32') or torch dtypes."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
+    device = torch.device("cuda", torch.cuda.current_device())
+    shapes = shapes or SHAPES
+    dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16", "fp16"))]
+    rows = []
+    for shape in shapes:
+        impls = _impls(shape[1], device)
+        for dtype in dtypes:
+            for layout in layouts or LAYOUTS:
+                g = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(shape, device=device, generator=g).to(dtype)
+                dy = torch.randn(shape, device=device, generator=g).to(dtype)
+                if layout == "nhwc":
+                    x = x.to(memory_format=torch.channels_last)
+                    dy = dy.to(memory_format=torch.channels_last)
+                xg = x.detach().requires_grad_(True)
+                ref = impls["torch_fp32"](x).float()
+                for name, f in impls.items():
+                    fwd = lambda f=f: f(x)  # noqa: E731
+                    fwd_bwd = lambda f=f: torch.autograd.grad(f(xg), xg, dy)  # noqa: E731
+                    r = {"op": OP, "impl": name, "shape": list(shape), "dtype": str(dtype)[6:],
+                         "layout": layout, "status": "ok"}
+                    try:
+                        r["max_abs_diff_vs_torch_fp32"] = (f(x).float() - ref).abs().max().item()
+                        r["fwd_ms"] = time_fn(fwd, device, warmup=warmup, iters=iters)
+                        r["fwd_bwd_ms"] = time_fn(fwd_bwd, device, warmup=warmup, iters=iters)
+                        r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters)
+                        r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters)
+                        ms = r["fwd_graph_ms"] or r["fwd_ms"]
+                        r["fwd_GBps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
+                    except Exception as e:
+                        r["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+                    rows.append(r)
+                base = {r["impl"]: r for r in rows[-len(impls):]}
+                for r in rows[-len(impls):]:
+                    for k in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
+                        t, t0 = r.get(k), base["torch_fp32"].get(k)
+                        r[f"speedup_{k}"] = t0 / t if t and t0 else None
+                del x, dy, xg, ref
+    return rows
+
+
+COLUMNS = (  # title, width, row -> cell
+    ("shape", 16, lambda r: "x".join(map(str, r["shape"]))),
+    ("dtype", 8, lambda r: r["dtype"]),
+    ("layout", 6, lambda r: r["layout"]),
+    ("impl", 12, lambda r: r["impl"]),
+    ("fwd ms", 8, lambda r: num(r.get("fwd_ms"), ".4f")),
+    ("f+b ms", 8, lambda r: num(r.get("fwd_bwd_ms"), ".4f")),
+    ("graph fwd", 9, lambda r: num(r.get("fwd_graph_ms"), ".4f")),
+    ("graph f+b", 9, lambda r: num(r.get("fwd_bwd_graph_ms"), ".4f")),
+    ("fwd GB/s", 8, lambda r: num(r.get("fwd_GBps"), ".0f")),
+    ("vs fp32 path", 12, lambda r: num(r.get("speedup_fwd_bwd_graph_ms")
+                                        or r.get("speedup_fwd_bwd_ms"), ".2f")),
+    ("max diff", 8, lambda r: num(r.get("max_abs_diff_vs_torch_fp32"), ".1e")),
+)
+
+
+def num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict], columns=COLUMNS, n_text: int = 4) -> str:
+    """Markdown table, the first n_text columns left-aligned. 'vs fp32 path' = torch_fp32 time
+    / this time, forward+backward, from the CUDA-graph replay when captured."""
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        c.ljust(w) if i < n_text else c.rjust(w)
+        for i, (c, (_, w, _)) in enumerate(zip(cells, columns)))
+    out = [line([t for t, _, _ in columns]) + " | status",
+           "|" + "|".join("-" * (w + 2) for _, w, _ in columns) + "|---"]
+    out += [line([get(r) for _, _, get in columns]) + " | " + r["status"] for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16, fp32")
+    p.add_argument("--layouts", default="nchw,nhwc", help="comma list of nchw, nhwc")
+    p.add_argument("--iters", type=int, default=50, help="timed calls per measurement")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"bench_{OP}: needs a CUDA GPU (torch.cuda.is_available() is False); nothing run.",
+              file=sys.stderr)
+        return 2
+    rows = run(dtypes=a.dtypes.split(","), layouts=a.layouts.split(","), iters=a.iters)
+    print(format_table(rows))
+    print(json.dumps({"bench": OP, "env": environment(torch.device("cuda")), "rows": rows}))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

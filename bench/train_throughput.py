@@ -1,0 +1,373 @@
+"""Training throughput: ti-fast's real step in each of its modes against the diffusers-TI peer,
+in one process on one GPU, at 512 px with SD1.5 shapes (random weights).
+
+    python -m bench.train_throughput            # default run, under 5 minutes on an H100/H200
+    python -m bench.train_throughput --full     # + batch 4, torch.compile, 4/6/8 GiB caps
+    python -m bench.train_throughput --compile  # + torch.compile rows only
+    python -m bench.train_throughput --tiny --out DIR   # CPU harness check, seconds
+
+Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset just before the
+row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x samples/s / the bf16
+8192^3 matmul rate measured in this run; ratio to the peer at the same batch):
+  ti-fast eager          TrainStep from ti_fast.train.step; UNet + text encoder bf16; cached
+                         latents (the VAE is absent, as after the trainer's caching)
+  ti-fast cuda-graph     the same step through ti_fast.train.graph.GraphedStep
+  ti-fast low-vram       checkpoint_blocks (ti_fast.train.lowvram), under a 3 GiB allocator cap
+  ti-fast offload        under 2 GiB: reported "not implemented" while ti_fast has no such mode
+  ti-fast torch.compile  (--full) the UNet compiled; first_step_s is the compile time
+  ti-fast best under N   (--full) the fastest of eager/low-vram at batch 8/4/1 that fits N GiB
+  diffusers-TI           bench/peer.py; plain, and with gradient checkpointing at batch 1
+Also: launch-to-first-step, peak RssAnon while loading, generation (bench/startup.py), the
+fused kernels (bench/bench_group_norm_silu.py, bench/bench_geglu.py when present).
+Prints the table, then ONE JSON line; writes bench/results/<date>-<gpu>.json (with --tiny only
+when --out is given).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig, VAEConfig, set_attention_backend
+from ti_fast.models import ops
+from ti_fast.train.step import TrainStep, MicroBatch
+from ti_fast.train.lowvram import checkpoint_blocks
+
+from . import common as C
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
+                       num_heads=2, context_dim=32, norm_groups=8)
+TINY_CLIP = CLIPConfig(vocab_size=1000, width=32, layers=3, heads=4, mlp=64)
+TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=2, norm_groups=8)   # /8 like SD's
+LOW_VRAM_CAP, OFFLOAD_CAP, FULL_CAPS = 3.0, 2.0, (4.0, 6.0, 8.0)
+LR = 5e-3
+
+
+@dataclass
+class Plan:
+    device: torch.device
+    tiny: bool
+    full: bool
+    size: int                     # image pixels; latents are size // 8
+    batches: tuple                # the "batch 1 and 8" pair (1 and 2 at tiny shapes)
+    warmup: int
+    iters: int | None             # None: sized to ~2 s per row
+    compile: bool = False         # torch.compile rows (implied by --full)
+    say: object = print
+
+    @property
+    def dtype(self):
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+
+def make_plan(args) -> Plan:
+    dev = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench: no CUDA device; the full benchmark needs a GPU (use --tiny to check the harness on CPU)")
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    common = dict(full=args.full, compile=args.compile or args.full, say=say)
+    if args.tiny:
+        # tiny shapes gain nothing from threads, and on a shared CI machine spinning OpenMP
+        # workers make the harness check several times slower
+        torch.set_num_threads(1)
+        return Plan(dev, True, size=64, batches=(1, 2), warmup=1, iters=1, **common)
+    return Plan(dev, False, size=512, batches=(1, 8), warmup=3, iters=None, **common)
+
+
+# ----------------------------------------------------------------------------- ti-fast
+
+class TiFastModels:
+    """UNet + text encoder built once on the device (meta -> to_empty -> cheap init)."""
+
+    def __init__(self, plan: Plan):
+        ucfg, ccfg = (TINY_UNET, TINY_CLIP) if plan.tiny else (UNetConfig(), CLIPConfig())
+        self.unet = C.build(lambda: UNet(ucfg), plan.device, plan.dtype)
+        self.te = C.build(lambda: CLIPTextEncoder(ccfg), plan.device, plan.dtype)
+        self.attention = set_attention_backend(self.unet, "auto", plan.device, verbose=False)
+        set_attention_backend(self.te, "sdpa", plan.device, verbose=False)
+
+
+def micro_batch(plan: Plan, te: CLIPTextEncoder, b: int, seed: int = 0) -> MicroBatch:
+    """Cached latents [B,4,h,w] in the storage dtype and '<bos> a photo of <vector> <eos>...' ids."""
+    g = torch.Generator(device=plan.device).manual_seed(seed)
+    h = plan.size // 8
+    vocab = te.config.vocab_size
+    ids = torch.full((b, 77), vocab - 1, dtype=torch.long, device=plan.device)
+    ids[:, 0] = vocab - 2
+    ids[:, 1:5] = torch.randint(0, vocab - 2, (b, 4), generator=g, device=plan.device)
+    vidx = torch.full((b, 77), -1, dtype=torch.long, device=plan.device)
+    vidx[:, 4] = 0
+    lat = torch.randn(b, 4, h, h, generator=g, device=plan.device).to(plan.dtype)
+    return MicroBatch(latents=lat, input_ids=ids, vector_index=vidx)
+
+
+def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str):
+    """(fn, finish) for one ti-fast row. fn = one optimizer step as the trainer issues it (lr
+    written into param_groups, then the step); finish() -> the last loss and finite flag."""
+    unet = models.unet
+    unet.set_gradient_checkpointing(mode == "low-vram", checkpoint_blocks(unet) if mode == "low-vram" else None)
+    u = torch.compile(unet, dynamic=False) if mode == "compile" else unet
+    width = models.te.config.width
+    vectors = torch.nn.Parameter(torch.randn(1, width, device=plan.device) * 0.02)
+    opt = torch.optim.AdamW([vectors], lr=LR, weight_decay=0.0)
+    gen = torch.Generator(device=plan.device).manual_seed(0)
+    step = TrainStep(u, models.te, vectors, opt, generator=gen)
+    if mode == "cuda-graph":
+        from ti_fast.train.graph import GraphedStep
+        step = GraphedStep(step, say=plan.say)
+    mb = [micro_batch(plan, models.te, b)]
+    last = {}
+
+    def fn():
+        for g in opt.param_groups:
+            g["lr"] = LR
+        last["out"] = step(mb)
+
+    def finish():
+        loss, finite = last["out"]
+        if hasattr(step, "reset"):
+            step.reset()                               # free the graphs' pool before the next row
+        unet.set_gradient_checkpointing(False)
+        return {"loss": float(loss), "finite": bool(finite)}
+
+    return fn, finish
+
+
+def count_flops(models: TiFastModels, plan: Plan) -> float:
+    """FLOPs of one eager step per sample, counted by torch's FlopCounterMode (matmul, conv,
+    attention; forward and backward). The MFU numerator at tiny shapes; a cross-check of
+    performance.md's 1.72e12 at SD1.5 shapes."""
+    from torch.utils.flop_counter import FlopCounterMode
+    fn, finish = ti_step(models, plan, 1, "eager")      # models already ran: no lazy init counted
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    finish()
+    return float(fc.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- rows
+
+def measure(plan: Plan, name: str, impl: str, mode: str, b: int, make, cap: float | None = None) -> dict:
+    """Set up (make() -> (fn, finish)), run the first step alone (first_step_s: compile, graph
+    capture, autotuning), warm up, time. OOM and errors become the row's status."""
+    r = C.row(name, impl, mode, b, cap_gib=cap)
+    C.free_memory(plan.device)
+    try:
+        with C.MemoryCap(plan.device, cap):
+            C.reset_peak(plan.device)
+            fn, finish = make()
+            t0 = time.perf_counter()
+            fn()
+            C.sync(plan.device)
+            r["first_step_s"] = time.perf_counter() - t0
+            ms, n = C.time_steps(fn, plan.device, warmup=max(0, plan.warmup - 1), iters=plan.iters)
+            r.update(ms_per_step=ms, steps_timed=n, peak_gib=C.peak_gib(plan.device))
+            r.update(finish())
+    except Exception as e:
+        r["status"] = "oom" if C.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+    C.free_memory(plan.device)
+    plan.say(f"bench: {name} b{b}: {r['status']}"
+             + (f", {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib'] or 0:.2f} GiB" if r["ms_per_step"] else ""))
+    return r
+
+
+def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
+    """The ti-fast rows, the counted FLOPs per sample, the attention backend used."""
+    cuda = plan.device.type == "cuda"
+    models = TiFastModels(plan)
+    attention = models.attention
+    rows = []
+    batches = sorted(set(plan.batches) | ({4} if plan.full and not plan.tiny else set()))
+    for b in batches:
+        rows.append(measure(plan, "ti-fast eager", "ti-fast", "eager", b, lambda: ti_step(models, plan, b, "eager")))
+    for b in batches:
+        if cuda:
+            rows.append(measure(plan, "ti-fast cuda-graph", "ti-fast", "cuda-graph", b,
+                                lambda: ti_step(models, plan, b, "cuda-graph")))
+        else:
+            rows.append(C.row("ti-fast cuda-graph", "ti-fast", "cuda-graph", b, status="skipped: needs CUDA"))
+    rows.append(measure(plan, f"ti-fast low-vram (cap {LOW_VRAM_CAP:g} GiB)", "ti-fast", "low-vram", 1,
+                        lambda: ti_step(models, plan, 1, "low-vram"), cap=LOW_VRAM_CAP if cuda else None))
+    has_offload = importlib.util.find_spec("ti_fast.train.offload") is not None
+    rows.append(C.row(f"ti-fast offload (cap {OFFLOAD_CAP:g} GiB)", "ti-fast", "offload", 1, cap_gib=OFFLOAD_CAP,
+                      status="not implemented: " + ("ti_fast.train.offload exists but is not driven here yet"
+                                                    if has_offload else "ti_fast has no offload mode")))
+    if plan.compile:
+        for b in plan.batches:
+            r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,
+                        lambda: ti_step(models, plan, b, "compile"))
+            if r["status"] == "ok":
+                r["compile_s"] = r["first_step_s"] - r["ms_per_step"] / 1e3
+            rows.append(r)
+            torch._dynamo.reset()
+    if plan.full:
+        for cap in FULL_CAPS:
+            rows.append(best_under_cap(plan, models, cap) if cuda else
+                        C.row(f"ti-fast best under {cap:g} GiB", "ti-fast", "cap", None, cap_gib=cap,
+                              status="skipped: needs CUDA"))
+    flops = None
+    try:
+        flops = count_flops(models, plan)
+    except Exception as e:
+        plan.say(f"bench: FLOP count failed ({type(e).__name__}: {e})")
+    del models
+    C.free_memory(plan.device)
+    return rows, flops, attention
+
+
+def best_under_cap(plan: Plan, models: TiFastModels, cap: float) -> dict:
+    """The first of eager/low-vram at batch 8, 4, 1 that runs under the cap: what a card of that
+    size gets."""
+    tried = []
+    for b in (8, 4, 1):
+        for mode in ("eager", "low-vram"):
+            r = measure(plan, f"ti-fast best under {cap:g} GiB ({mode})", "ti-fast", mode, b,
+                        lambda: ti_step(models, plan, b, mode), cap=cap)
+            if r["status"] == "ok":
+                r["mode"], r["tried"] = "cap", tried
+                return r
+            tried.append(f"{mode} b{b}: {r['status']}")
+    return C.row(f"ti-fast best under {cap:g} GiB", "ti-fast", "cap", None, cap_gib=cap, status="oom", tried=tried)
+
+
+def peer_rows(plan: Plan) -> list[dict]:
+    try:
+        from .peer import DiffusersTI
+        ucfg, ccfg = (TINY_UNET, TINY_CLIP) if plan.tiny else (UNetConfig(), CLIPConfig())
+        peer = DiffusersTI(ucfg, TINY_VAE if plan.tiny else VAEConfig(), ccfg, plan.device, plan.size)
+    except Exception as e:
+        why = f"error: {type(e).__name__}: {str(e)[:300]}"
+        return [C.row(n, "peer", m, b, status=why) for n, m, b in
+                [("diffusers-TI", "eager", b) for b in plan.batches] +
+                [("diffusers-TI + grad. checkpointing", "checkpointing", 1)]]
+
+    def make(b, ckpt):
+        def setup():
+            peer.set_checkpointing(ckpt)
+            pixels, ids = peer.batch(b)
+            last, skipped0 = {}, peer.skipped_steps()
+
+            def fn():
+                last["loss"] = peer.step(pixels, ids)
+
+            def finish():
+                return {"loss": last["loss"], "skipped_steps": peer.skipped_steps() - skipped0}
+            return fn, finish
+        return setup
+
+    batches = sorted(set(plan.batches) | ({4} if plan.full and not plan.tiny else set()))
+    rows = [measure(plan, "diffusers-TI", "peer", "eager", b, make(b, False)) for b in batches]
+    rows.append(measure(plan, "diffusers-TI + grad. checkpointing", "peer", "checkpointing", 1, make(1, True)))
+    if plan.full and not plan.tiny:
+        rows.append(measure(plan, "diffusers-TI + grad. checkpointing", "peer", "checkpointing", 4, make(4, True)))
+    del peer
+    C.free_memory(plan.device)
+    return rows
+
+
+def kernel_results(plan: Plan) -> dict:
+    """The fused-kernel benchmarks, when their modules exist: each exposes run() -> list[dict]."""
+    out = {}
+    for mod in ("bench_group_norm_silu", "bench_geglu"):
+        if plan.device.type != "cuda":
+            out[mod] = {"status": "skipped: needs CUDA"}
+            continue
+        try:
+            m = importlib.import_module(f"bench.{mod}")
+        except ImportError as e:
+            out[mod] = {"status": f"absent ({e})"}
+            continue
+        try:
+            out[mod] = {"status": "ok", "rows": m.run()}
+        except Exception as e:
+            out[mod] = {"status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+        plan.say(f"bench: {mod}: {out[mod]['status']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(plan: Plan) -> dict:
+    dev = plan.device
+    t_start = time.perf_counter()
+    context = C.cuda_context_bytes(dev)                # before anything is allocated
+    env = C.environment(dev)
+    env["ti_fast_kernels"] = ops.set_kernels("auto", verbose=False) if dev.type == "cuda" else "torch"
+    matmul = C.matmul_peak_flops(dev)
+    plan.say(f"bench: {env['gpu']}: matmul peak {matmul['flops'] / 1e12:.1f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)")
+    from .startup import run_startup
+    with tempfile.TemporaryDirectory(prefix="ti-bench-") as work:
+        startup = run_startup(Path(work), dev, plan.tiny, say=plan.say)
+    rows, counted, env["ti_fast_attention"] = ti_rows(plan)
+    rows += peer_rows(plan)
+    flop = counted if plan.tiny and counted else C.SD15_FLOP_PER_SAMPLE
+    C.finish_rows(rows, flop, matmul["flops"])
+    kernels = kernel_results(plan)
+    memory = {"cuda_context_gib": None if context is None else context / C.GIB,
+              "outside_allocator_gib_at_end": None if dev.type != "cuda" else C.outside_allocator_bytes(dev) / C.GIB}
+    return {"bench": "train_throughput", "tiny": plan.tiny, "full": plan.full, "size": plan.size, "env": env,
+            "matmul_peak": matmul, "flop_per_sample": flop, "flop_per_sample_counted": counted,
+            "memory": memory, "rows": rows, "startup": startup, "kernels": kernels,
+            "wall_s": time.perf_counter() - t_start}
+
+
+def summary(result: dict) -> str:
+    s = result["startup"]
+    lines = [C.format_table(result["rows"]), ""]
+    la = s.get("launch", {})
+    lines.append(f"launch-to-first-step ({la.get('images')} images, {la.get('size')} px): "
+                 f"{la.get('launch_to_first_step_s')} s issued, {_r(la.get('train_call_s'))} s whole train() call"
+                 f" [{la.get('status')}]")
+    lr = s.get("load_rss", {})
+    lines.append(f"checkpoint load: peak RssAnon growth {_r(lr.get('rss_anon_growth_gib'))} GiB for a "
+                 f"{_r(lr.get('file_gib'))} GiB file, {_r(lr.get('load_s'))} s [{lr.get('status')}]")
+    g = s.get("generation", {})
+    lines.append(f"generation ({g.get('steps')} Euler steps, CFG, {g.get('size')} px, decode): "
+                 f"{_r(g.get('s_per_image'))} s/image, peak {_r(g.get('peak_gib'))} GiB [{g.get('status')}]")
+    for k, v in result["kernels"].items():
+        lines.append(f"{k}: {v['status']}" + (f" ({len(v['rows'])} rows in the JSON)" if "rows" in v else ""))
+    m = result["memory"]
+    lines.append(f"CUDA context {_r(m['cuda_context_gib'])} GiB; outside the allocator at the end "
+                 f"{_r(m['outside_allocator_gib_at_end'])} GiB; FLOP/sample {result['flop_per_sample']:.3g}"
+                 f" (counted: {_g(result['flop_per_sample_counted'])}); matmul peak "
+                 f"{result['matmul_peak']['flops'] / 1e12:.1f} TFLOP/s; wall {result['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _r(v):
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _g(v):
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny models at 64 px on the CPU: checks the harness, not speed")
+    ap.add_argument("--full", action="store_true", help="also batch 4, torch.compile, and 4/6/8 GiB caps")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile rows (first_step_s = compile time)")
+    ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
+    ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes only with --out)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = ap.parse_args(argv)
+    plan = make_plan(args)
+    result = run(plan)
+    print(summary(result))
+    out = args.out or (None if plan.tiny else C.REPO / "bench" / "results")
+    if out is not None:
+        result["results_file"] = str(C.write_results(out, result))
+    print(json.dumps(C.clean(result), default=C.jsonable, allow_nan=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, for a session that has the device machine (< 8 minutes there):
+#   scripts/fetch_gpu_wheels.sh              (here, once: diffusers for the peer benchmark)
+#   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# Steps, each under its own timeout so one hang cannot eat the lease:
+#   carried wheels -> /tmp/site; pip install -e . ; nvidia-smi and versions;
+#   pytest -m gpu (kernel tests, graphed == eager step, ...);
+#   the benchmark at tiny shapes ON THE GPU (a 30 s smoke test of every CUDA code path: graph
+#   capture, memory caps, the fp16 peer) before the default 512 px run;
+#   logs and the results JSON copied into $OUT (at most 8 files come back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+t0=$SECONDS
+stamp() { echo "== [$((SECONDS - t0)) s] $*"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  stamp "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || echo "wheel install FAILED (the peer rows will say so)"
+fi
+stamp "pip install -e ."
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+
+{
+  nvidia-smi
+  python3 - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+for m in ("triton", "transformers", "diffusers", "xformers", "bitsandbytes"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "absent:", type(e).__name__)
+print("graph-safe generators:", hasattr(torch.cuda.CUDAGraph, "register_generator_state"))
+PY
+} 2>&1 | tee "$OUT/env.txt"
+
+stamp "pytest -m gpu"
+timeout 100 python3 -m pytest -q -m gpu -ra -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+echo "pytest exit ${PIPESTATUS[0]}"
+
+stamp "bench --tiny on cuda (smoke)"
+timeout 60 python3 -m bench.train_throughput --tiny --device cuda --out "$OUT/tiny" > "$OUT/bench_tiny.log" 2>&1
+echo "tiny bench exit $?"; grep -v '^{' "$OUT/bench_tiny.log" | tail -25
+mv "$OUT"/tiny/*.json "$OUT/bench_tiny.json" 2>/dev/null; rmdir "$OUT/tiny" 2>/dev/null
+
+stamp "bench default run"
+timeout 250 python3 -m bench.train_throughput > "$OUT/bench.log" 2>&1
+echo "bench exit $?"; grep -v '^{' "$OUT/bench.log" | tail -45
+latest=$(tail -n 1 "$OUT/bench.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
+[ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
+stamp "done"
