@@ -1,0 +1,215 @@
+"""The CLIP tokenizer: build it from OpenAI's BPE file, generate the tiny one, find one for a model.
+
+CLIP's vocabulary (OpenAI clip/simple_tokenizer.py, mirrored by HF vocab.json):
+  ids 0..255     the 256 byte-level unicode characters (GPT-2's bytes_to_unicode order)
+  ids 256..511   the same characters with `</w>` (end of word)
+  then one token per BPE merge, in merge order
+  then <|startoftext|>, <|endoftext|> (49406 / 49407 for SD's tokenizer).
+transformers' CLIPTokenizer loads vocab.json + merges.txt (+ tokenizer_config.json for
+model_max_length 77). It silently builds a 2-token tokenizer from missing or misnamed files,
+so every path here checks the vocabulary size.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from ..fsutil import atomic_write_text
+from .errors import ModelLoadError
+from .files import cache_dir
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+SD_VOCAB_SIZE = 49408
+SD_NUM_MERGES = 49152 - 256 - 2            # 48894: OpenAI keeps this many lines of the file
+HF_CLIP_REPO = "openai/clip-vit-large-patch14"
+
+# Words the tiny tokenizer learns as single tokens: prompt vocabulary used by tests, templates
+# (A1111's "a photo of a [name]", "a painting in the style of [name]") and ordinary English.
+TINY_WORDS = """
+a an the of in on at by with and or for to from is are be this that it its my your his her
+their one two three photo photograph picture image painting drawing sketch render art artwork
+style styled artist portrait landscape close up dark bright small large big little clean dirty
+cropped weird nice good cool beautiful rendition illustration cat dog man woman person face
+house tree car city street sky sun moon water sea mountain flower red blue green yellow black
+white orange purple gray brown old new young happy sad detailed highly realistic oil canvas
+digital concept sculpture statue toy object thing same similar like made inspired by
+""".split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character map (256 entries, fixed order)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _vocab_from_merges(merges: list[tuple[str, str]]) -> list[str]:
+    base = list(bytes_to_unicode().values())
+    return base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [BOS, EOS]
+
+
+def write_tokenizer(out_dir, merges: list[tuple[str, str]]) -> Path:
+    """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+    out = Path(out_dir)
+    vocab = _vocab_from_merges(merges)
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    if len(ids) != len(vocab):
+        raise ValueError("duplicate tokens in BPE vocabulary")
+    atomic_write_text(out / "vocab.json", json.dumps(ids, ensure_ascii=False))
+    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    cfg = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+           "errors": "replace", "add_prefix_space": False, **specials}
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(cfg, indent=2))
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(specials, indent=2))
+    return out
+
+
+def read_bpe_merges(bpe_gz_path, n: int = SD_NUM_MERGES) -> list[tuple[str, str]]:
+    """Merges of OpenAI's bpe_simple_vocab_16e6.txt.gz: line 0 is a header, then `a b` lines."""
+    lines = gzip.open(bpe_gz_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:n + 1]]
+    if len(merges) != n or any(len(m) != 2 for m in merges):
+        raise ModelLoadError(f"{Path(bpe_gz_path).name}: not a CLIP BPE merges file ({len(merges)} usable merges, need {n})")
+    return merges
+
+
+def build_tokenizer_from_bpe(bpe_gz_path, out_dir) -> Path:
+    """SD's tokenizer (49408 tokens) as vocab.json/merges.txt from OpenAI's BPE file."""
+    return write_tokenizer(out_dir, read_bpe_merges(bpe_gz_path))
+
+
+def learn_bpe(words: list[str]) -> list[tuple[str, str]]:
+    """Greedy BPE over `words` (each weight 1) until every word is one token.
+    Ties break on the pair's text, so the result is deterministic. Words are split as CLIP
+    applies merges: characters, the last one carrying `</w>`."""
+    enc = bytes_to_unicode()
+    seqs = []
+    for w in sorted(set(words)):
+        chars = [enc[b] for b in w.lower().encode("utf-8")]
+        seqs.append(chars[:-1] + [chars[-1] + "</w>"])
+    merges = []
+    while True:
+        pairs = Counter(p for s in seqs for p in zip(s, s[1:]))
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        joined = "".join(best)
+        for i, s in enumerate(seqs):
+            out, j = [], 0
+            while j < len(s):
+                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
+                    out.append(joined)
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            seqs[i] = out
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_merges() -> tuple:
+    return tuple(learn_bpe(TINY_WORDS))
+
+
+def write_tiny_tokenizer(out_dir) -> Path:
+    """The project's tiny tokenizer (819 tokens = tiny.TINY_VOCAB_SIZE), for tiny test models."""
+    return write_tokenizer(out_dir, list(tiny_merges()))
+
+
+def _check(tok, source: str, min_size: int):
+    """Force SD's conventions and refuse the silent 2-token tokenizer."""
+    if len(tok) < min_size or tok.convert_tokens_to_ids(EOS) != len(tok) - 1:
+        raise ModelLoadError(f"tokenizer from {source} has {len(tok)} tokens (need >= {min_size}, "
+                             f"{EOS} last): missing or broken vocab.json/merges.txt")
+    tok.model_max_length = 77
+    tok.pad_token = EOS
+    return tok
+
+
+def load_tokenizer_dir(path, min_size: int = 512 + 2):
+    """A CLIPTokenizer from a folder with vocab.json + merges.txt."""
+    from transformers import CLIPTokenizer
+    path = Path(path)
+    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
+        raise ModelLoadError(f"{path}: no vocab.json + merges.txt in this tokenizer folder")
+    return _check(CLIPTokenizer.from_pretrained(str(path), local_files_only=True), str(path), min_size)
+
+
+def find_bpe_file() -> Path | None:
+    """OpenAI's BPE file inside an installed clip-anytorch or open_clip (not imported)."""
+    for pkg in ("clip", "open_clip"):
+        try:
+            spec = importlib.util.find_spec(pkg)
+        except (ImportError, ValueError):
+            spec = None
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            f = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
+            if f.is_file():
+                return f
+    return None
+
+
+def _build_once(bpe: Path, built: Path) -> None:
+    """Build into a private folder, then rename it into place: a concurrent reader never sees
+    half a tokenizer, and when two processes race the second one's copy is simply dropped."""
+    tmp = built.with_name(f".{built.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tokenizer_from_bpe(bpe, tmp)
+    try:
+        os.replace(tmp, built)
+    except OSError:                       # already built by someone else (non-empty target)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_SIZE):
+    """Find SD's tokenizer. Order: an explicit `tokenizer` folder, the model's own tokenizer/
+    folder, the local HF cache of openai/clip-vit-large-patch14, OpenAI's BPE file from an
+    installed clip-anytorch/open_clip (built once into the ti-fast cache), a download when
+    online; else a ModelLoadError saying how to provide one. Returns (tokenizer, source)."""
+    if tokenizer is not None:
+        return load_tokenizer_dir(tokenizer, min_size), str(tokenizer)
+    if model_dir is not None and (Path(model_dir) / "tokenizer" / "vocab.json").is_file():
+        src = Path(model_dir) / "tokenizer"
+        return load_tokenizer_dir(src, min_size), str(src)
+    from transformers import CLIPTokenizer
+    try:
+        tok = CLIPTokenizer.from_pretrained(HF_CLIP_REPO, local_files_only=True)
+        if len(tok) >= min_size:
+            return _check(tok, f"HF cache {HF_CLIP_REPO}", min_size), f"hf-cache:{HF_CLIP_REPO}"
+    except (OSError, ValueError):
+        pass
+    built = cache_dir() / "tokenizer"
+    if (built / "vocab.json").is_file():
+        return load_tokenizer_dir(built, min_size), str(built)
+    bpe = find_bpe_file()
+    if bpe is not None:
+        _build_once(bpe, built)
+        return load_tokenizer_dir(built, min_size), str(built)
+    if not _offline():
+        try:
+            tok = CLIPTokenizer.from_pretrained(HF_CLIP_REPO)
+            return _check(tok, HF_CLIP_REPO, min_size), f"hub:{HF_CLIP_REPO}"
+        except (OSError, ValueError):
+            pass
+    raise ModelLoadError("no CLIP tokenizer found: pass --tokenizer DIR (vocab.json + merges.txt), "
+                         "or `pip install --no-deps clip-anytorch` (ships OpenAI's BPE file), "
+                         f"or download {HF_CLIP_REPO} into the HF cache")
