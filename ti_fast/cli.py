@@ -42,20 +42,20 @@ TRAIN_FLAGS = [
     ("optimisation", "precision", "auto (bf16 if supported, else fp16; full on CPU), bf16, fp16, full"),
     ("optimisation", "gradient_checkpointing", "recompute every UNet block in backward (less memory, slower)"),
     ("optimisation", "attention", "attention backend: auto, sdpa, xformers, math, triton"),
-    ("optimisation", "seed", "random seed (default: drawn, recorded in settings.json)"),
+    ("optimisation", "seed", "random seed (None: drawn, recorded in settings.json)"),
     ("optimisation", "clip_skip", "CLIP skip, A1111 numbering (1 = off)"),
     ("optimisation", "device", "auto (cuda if available, else cpu), cuda, cuda:1, cpu"),
     ("optimisation", "low_vram", "checkpoint the high-resolution blocks, VAE off the GPU (4-6 GB cards)"),
     ("optimisation", "cuda_graph", "capture the static training step in a CUDA graph"),
     ("outputs", "out", "folder for NAME.pt and NAME.safetensors"),
-    ("outputs", "log_dir", "log folder (default ./ti-logs/NAME)"),
+    ("outputs", "log_dir", "log folder (None: ./ti-logs/NAME)"),
     ("outputs", "save_every", "save embeddings/NAME-STEP.pt and the resumable state every N steps (0 = end only)"),
     ("outputs", "resume", "continue from the log dir's resumable state"),
     ("outputs", "overwrite", "replace an existing NAME.pt / NAME.safetensors"),
     ("outputs", "quiet", "no progress bar or messages"),
     ("outputs", "check_every", "read the loss and the NaN flag every N steps on GPU (no per-step sync)"),
     ("previews", "preview_every", "write a preview image every N steps (0 = off)"),
-    ("previews", "preview_prompt", "preview prompt (default: a training prompt)"),
+    ("previews", "preview_prompt", "preview prompt (None: a training prompt)"),
     ("previews", "preview_negative", "preview negative prompt"),
     ("previews", "preview_seed", "preview seed (fixed, so previews compare across steps)"),
     ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m"),
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ti-fast", description="Fast, lean textual-inversion training for SD 1.x")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train an embedding", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t = sub.add_parser("train", help="train an embedding")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
