@@ -40,13 +40,16 @@ COLUMNS = (
 )
 
 
-def run(shapes=None, dtypes=None, iters: int = 50, warmup: int = 10) -> list[dict]:
+def run(shapes=None, dtypes=None, iters: int = 50, warmup: int = 10, device=None) -> list[dict]:
     """One row per (shape, dtype, implementation). dtypes: names ('bf16', 'fp16', 'fp32') or
-    torch dtypes. max_abs_diff_vs_fp32: output vs the reference computed in fp32."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
+    torch dtypes. max_abs_diff_vs_fp32: output vs the reference computed in fp32. device: CUDA
+    by default; 'cpu' (with TRITON_INTERPRET=1 and tiny shapes) only checks the harness."""
+    if device is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
+        device = torch.cuda.current_device()
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     from ti_fast.kernels.geglu import geglu, geglu_ref
-    device = torch.device("cuda", torch.cuda.current_device())
     impls = {"triton": geglu, "torch": geglu_ref}
     dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16", "fp16"))]
     rows = []

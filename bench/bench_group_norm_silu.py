@@ -32,7 +32,9 @@ LAYOUTS = ("nchw", "nhwc")
 
 
 def graph_ms(fn, device, warmup: int, iters: int, tag: str = OP) -> float | None:
-    """ms per replay of fn captured in a CUDA graph; None when capture fails."""
+    """ms per replay of fn captured in a CUDA graph; None when capture fails (or on CPU)."""
+    if device.type != "cuda":
+        return None
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -49,6 +51,12 @@ def graph_ms(fn, device, warmup: int, iters: int, tag: str = OP) -> float | None
         return None
 
 
+def _cuda_device() -> torch.device:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _impls(C: int, device) -> dict:
     from ti_fast.kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
     w = torch.rand(C, device=device) + 0.5
@@ -61,12 +69,12 @@ def _impls(C: int, device) -> dict:
     }
 
 
-def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 10) -> list[dict]:
+def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 10,
+        device=None) -> list[dict]:
     """One row per (shape, dtype, layout, implementation). dtypes: names ('bf16', 'fp16',
-    'fp32') or torch dtypes."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
-    device = torch.device("cuda", torch.cuda.current_device())
+    'fp32') or torch dtypes. device: CUDA by default; 'cpu' (with TRITON_INTERPRET=1 and tiny
+    shapes) only checks the harness."""
+    device = torch.device(device) if device is not None else _cuda_device()
     shapes = shapes or SHAPES
     dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16", "fp16"))]
     rows = []

@@ -1,0 +1,67 @@
+"""Trainer options on the tiny model: latent modes and the disk cache, buckets + flip + alpha
+weights, fp16 loss scaling with clipping on unscaled gradients."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ti_fast.train.loop import train
+from train_helpers import quick_config
+
+
+def _vec(res):
+    return torch.load(res.embedding, weights_only=True)["string_to_param"]["*"]
+
+
+@pytest.mark.parametrize("mode", ["once", "deterministic", "random"])
+def test_latent_modes_train(tiny_single, tmp_path, mode):
+    res = train(quick_config(tiny_single, tmp_path, steps=3, latents=mode))
+    assert res.status == "completed" and torch.isfinite(_vec(res)).all()
+
+
+def test_cache_dir_reuses_latents(tiny_single, tmp_path):
+    cache = tmp_path / "cache"
+    a = train(quick_config(tiny_single, tmp_path / "a", steps=3, cache_dir=str(cache)))
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 4                                    # one per image
+    stamps = [f.stat().st_mtime_ns for f in files]
+    b = train(quick_config(tiny_single, tmp_path / "b", steps=3, cache_dir=str(cache)))
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.safetensors"))] == stamps   # read, not rewritten
+    assert torch.equal(_vec(a), _vec(b))
+    train(quick_config(tiny_single, tmp_path / "c", steps=1, cache_dir=str(cache), flip=True))
+    assert len(list(cache.glob("*.safetensors"))) == 8        # flip is part of the key
+
+
+def test_buckets_flip_alpha(tiny_single, tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i, (w, h) in enumerate([(128, 64), (64, 128), (96, 96), (130, 70)]):
+        img = Image.new("RGBA", (w, h), (200, 50, 50, 255))
+        img.putpixel((1, 1), (0, 0, 0, 0))
+        img.save(data / f"{i}-thing.png")
+    res = train(quick_config(tiny_single, tmp_path, steps=4, data=str(data), buckets=True, flip=True,
+                             alpha_weight=True, batch_size=2, width=64, height=64))
+    assert res.status == "completed" and torch.isfinite(_vec(res)).all()
+
+
+def test_fp16_scaling_clips_unscaled_gradients(tiny_single):
+    """With a power-of-two loss scale, the scaled path must give the very same update."""
+    from ti_fast.loading import load_model
+    from ti_fast.prompt import PromptTokenizer
+    from ti_fast.train.step import LossScaler, MicroBatch, TrainStep
+    m = load_model(tiny_single)
+    tok = PromptTokenizer(m.tokenizer, {"tok": 2})(["a tok"], chunks=1)
+    mb = MicroBatch(latents=torch.randn(1, 4, 8, 8), input_ids=tok.input_ids, vector_index=tok.vector_index)
+    outs = []
+    for scaler in (None, LossScaler(init=2.0 ** 10)):
+        v = torch.nn.Parameter(torch.ones(2, 32) * 0.1)
+        opt = torch.optim.SGD([v], lr=1.0)
+        step = TrainStep(m.unet, m.text_encoder, v, opt, generator=torch.Generator().manual_seed(0),
+                         clip_grad=("norm", 1e-6), scaler=scaler)
+        step([mb])
+        outs.append(v.detach().clone())
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-7)
+    assert (torch.ones(2, 32) * 0.1 - outs[0]).norm() == pytest.approx(1e-6, rel=1e-2)   # clipped to the norm
