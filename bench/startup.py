@@ -66,12 +66,12 @@ def write_images(out_dir: Path, size: int, n: int = N_IMAGES) -> Path:
 
 
 def launch_to_first_step(work: Path, model_dir: Path, device: torch.device, size: int) -> dict:
-    """ti_fast.train.loop.train for one step on 20 images: model load, data preparation, latent
+    """ti_fast.training.loop.train for one step on 20 images: model load, data preparation, latent
     caching, optimizer, the first step. `launch_to_first_step_s` is the loop's own figure (time
     from entering train() to the first step being issued); `train_call_s` also covers the first
     step finishing (the loss is read) and the final save."""
-    from ti_fast.train.config import TrainConfig
-    from ti_fast.train.loop import train
+    from ti_fast.training.config import TrainConfig
+    from ti_fast.training.loop import train
     data = write_images(work / "data", size)
     cfg = TrainConfig(name=TOKEN, data=str(data), model=str(model_dir), steps=1, width=size, height=size,
                       out=str(work / "emb"), log_dir=str(work / "log"), quiet=True, seed=0, overwrite=True,

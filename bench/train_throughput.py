@@ -9,10 +9,10 @@ in one process on one GPU, at 512 px with SD1.5 shapes (random weights).
 Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset just before the
 row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x samples/s / the bf16
 8192^3 matmul rate measured in this run; ratio to the peer at the same batch):
-  ti-fast eager          TrainStep from ti_fast.train.step; UNet + text encoder bf16; cached
+  ti-fast eager          TrainStep from ti_fast.training.step; UNet + text encoder bf16; cached
                          latents (the VAE is absent, as after the trainer's caching)
-  ti-fast cuda-graph     the same step through ti_fast.train.graph.GraphedStep
-  ti-fast low-vram       checkpoint_blocks (ti_fast.train.lowvram), under a 3 GiB allocator cap
+  ti-fast cuda-graph     the same step through ti_fast.training.graph.GraphedStep
+  ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), under a 3 GiB allocator cap
   ti-fast offload        under 2 GiB: reported "not implemented" while ti_fast has no such mode
   ti-fast torch.compile  (--full) the UNet compiled; first_step_s is the compile time
   ti-fast best under N   (--full) the fastest of eager/low-vram at batch 8/4/1 that fits N GiB
@@ -38,8 +38,8 @@ import torch
 
 from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig, VAEConfig, set_attention_backend
 from ti_fast.models import ops
-from ti_fast.train.step import TrainStep, MicroBatch
-from ti_fast.train.lowvram import checkpoint_blocks
+from ti_fast.training.step import TrainStep, MicroBatch
+from ti_fast.training.lowvram import checkpoint_blocks
 
 from . import common as C
 
@@ -121,7 +121,7 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str):
     gen = torch.Generator(device=plan.device).manual_seed(0)
     step = TrainStep(u, models.te, vectors, opt, generator=gen)
     if mode == "cuda-graph":
-        from ti_fast.train.graph import GraphedStep
+        from ti_fast.training.graph import GraphedStep
         step = GraphedStep(step, say=plan.say)
     mb = [micro_batch(plan, models.te, b)]
     last = {}
@@ -196,9 +196,9 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
             rows.append(C.row("ti-fast cuda-graph", "ti-fast", "cuda-graph", b, status="skipped: needs CUDA"))
     rows.append(measure(plan, f"ti-fast low-vram (cap {LOW_VRAM_CAP:g} GiB)", "ti-fast", "low-vram", 1,
                         lambda: ti_step(models, plan, 1, "low-vram"), cap=LOW_VRAM_CAP if cuda else None))
-    has_offload = importlib.util.find_spec("ti_fast.train.offload") is not None
+    has_offload = importlib.util.find_spec("ti_fast.training.offload") is not None
     rows.append(C.row(f"ti-fast offload (cap {OFFLOAD_CAP:g} GiB)", "ti-fast", "offload", 1, cap_gib=OFFLOAD_CAP,
-                      status="not implemented: " + ("ti_fast.train.offload exists but is not driven here yet"
+                      status="not implemented: " + ("ti_fast.training.offload exists but is not driven here yet"
                                                     if has_offload else "ti_fast has no offload mode")))
     if plan.compile:
         for b in plan.batches:

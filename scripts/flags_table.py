@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ti_fast.cli import TRAIN_FLAGS
-from ti_fast.train.config import TrainConfig
+from ti_fast.training.config import TrainConfig
 
 
 def table() -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_fast.train.data import (BatchOrder, DataError, assign_bucket, caption_for, check_size,
+from ti_fast.training.data import (BatchOrder, DataError, assign_bucket, caption_for, check_size,
                                 fit_image, latent_weight, list_images, load_image, make_buckets,
                                 prepare_dataset)
 

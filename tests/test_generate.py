@@ -77,7 +77,7 @@ def test_inpainting_model_trains_and_generates(tmp_path):
     from ti_fast.loading import load_model
     from ti_fast.loading.tiny import tiny_models, write_single, TINY_UNET
     import dataclasses
-    from ti_fast.train.loop import train
+    from ti_fast.training.loop import train
     from train_helpers import quick_config
     unet, vae, clip = tiny_models(seed=0, unet_cfg=dataclasses.replace(TINY_UNET, in_channels=9))
     d = tmp_path / "inpaint"

@@ -1,4 +1,4 @@
-"""ti_fast.train.graph: CUDA-graph capture of the training step.
+"""ti_fast.training.graph: CUDA-graph capture of the training step.
 
 CPU: the refusal and eager fallback, the static-buffer keys and copies, the in-place snapshot and
 restore that undoes the warm-up, and the lr tensor hand-over. GPU (`gpu` marker): a graphed step
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig
-from ti_fast.train.graph import (GraphedStep, GraphUnavailable, StaticBatches, batch_key, ineligible_reason,
+from ti_fast.training.graph import (GraphedStep, GraphUnavailable, StaticBatches, batch_key, ineligible_reason,
                                  maybe_graphed, take_snapshot, restore_snapshot, LrTensors, state_steps_to)
-from ti_fast.train.step import TrainStep, MicroBatch, LossScaler
+from ti_fast.training.step import TrainStep, MicroBatch, LossScaler
 
 UCFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, False),
                   num_heads=2, context_dim=32, norm_groups=8)

@@ -1,7 +1,7 @@
 """A1111 schedule semantics ("0.005:100, 1e-3:1000, 1e-5") and the errors."""
 import pytest
 
-from ti_fast.train.lr import ScheduleError, parse_schedule
+from ti_fast.training.lr import ScheduleError, parse_schedule
 
 EXAMPLE = "0.005:100, 1e-3:1000, 1e-5"
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_train_flag_documented_with_default():
     from ti_fast.cli import TRAIN_FLAGS
-    from ti_fast.train.config import TrainConfig
+    from ti_fast.training.config import TrainConfig
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert fields == {name for _, name, _ in TRAIN_FLAGS}          # every setting has a flag

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from ti_fast.train.data import DataError
-from ti_fast.train.templates import (TEMPLATES, check_name_reachable, draw_prompt, load_template,
+from ti_fast.training.data import DataError
+from ti_fast.training.templates import (TEMPLATES, check_name_reachable, draw_prompt, load_template,
                                      render_prompt)
 
 

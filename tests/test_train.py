@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from ti_fast.embeddings import read_embedding
-from ti_fast.train import loop
-from ti_fast.train.config import ConfigError, NonFiniteLossError, OutOfMemoryError
-from ti_fast.train.loop import train
-from ti_fast.train.outputs import load_state
+from ti_fast.training import loop
+from ti_fast.training.config import ConfigError, NonFiniteLossError, OutOfMemoryError
+from ti_fast.training.loop import train
+from ti_fast.training.outputs import load_state
 from train_helpers import quick_config
 
 
 def test_outputs_and_formats(tiny_single, tmp_path):
-    res = train(quick_config(tiny_single, tmp_path, steps=4, save_every=2))
+    import ti_fast
+    res = ti_fast.train(quick_config(tiny_single, tmp_path, steps=4, save_every=2))   # the public API
     assert res.status == "completed" and res.steps == 4
     d = torch.load(res.embedding, weights_only=True)
     assert set(d) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
@@ -163,7 +164,7 @@ def test_gradient_checkpointing_same_gradients(tiny_single):
 
 def test_lowvram_blocks_are_high_resolution(tiny_single):
     from ti_fast.loading import load_model
-    from ti_fast.train.lowvram import checkpoint_blocks
+    from ti_fast.training.lowvram import checkpoint_blocks
     from ti_fast.models import UNet, UNetConfig
     with torch.device("meta"):                      # SD1.5 shapes, no memory, no init time
         unet = UNet(UNetConfig())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ti_fast.train.loop import train
-from ti_fast.train.outputs import load_state
+from ti_fast.training.loop import train
+from ti_fast.training.outputs import load_state
 from train_helpers import quick_config
 
 
@@ -83,8 +83,8 @@ def test_learning_reduces_loss_on_fixed_pairs(tmp_path):
     from ti_fast.loading.tiny import write_single
     from ti_fast.models.vae import LATENT_SCALE
     from ti_fast.prompt import PromptTokenizer
-    from ti_fast.train.data import prepare_dataset
-    from ti_fast.train.step import MicroBatch, TrainStep, ti_loss
+    from ti_fast.training.data import prepare_dataset
+    from ti_fast.training.step import MicroBatch, TrainStep, ti_loss
     base = make_tiny(tmp_path / "base", "single", seed=0)
     m = load_model(base)
     with torch.no_grad():

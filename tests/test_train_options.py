@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_fast.train.loop import train
+from ti_fast.training.loop import train
 from train_helpers import quick_config
 
 
@@ -51,7 +51,7 @@ def test_fp16_scaling_clips_unscaled_gradients(tiny_single):
     """With a power-of-two loss scale, the scaled path must give the very same update."""
     from ti_fast.loading import load_model
     from ti_fast.prompt import PromptTokenizer
-    from ti_fast.train.step import LossScaler, MicroBatch, TrainStep
+    from ti_fast.training.step import LossScaler, MicroBatch, TrainStep
     m = load_model(tiny_single)
     tok = PromptTokenizer(m.tokenizer, {"tok": 2})(["a tok"], chunks=1)
     mb = MicroBatch(latents=torch.randn(1, 4, 8, 8), input_ids=tok.input_ids, vector_index=tok.vector_index)

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from ti_fast.loading import load_model                      # noqa: E402
 from ti_fast.prompt import PromptTokenizer                  # noqa: E402
 from ti_fast.sample.schedule import alphas_cumprod          # noqa: E402
-from ti_fast.train.step import MicroBatch, TrainStep        # noqa: E402
+from ti_fast.training.step import MicroBatch, TrainStep        # noqa: E402
 
 PROMPTS = ["a photo of tok", "tok, a painting"]
 N = 2
@@ -86,7 +86,7 @@ def test_one_step_loss_and_gradient(pair):
     step = TrainStep(ours.unet, ours.text_encoder, vec, torch.optim.SGD([vec], lr=0.0), generator=g)
     mb = MicroBatch(latents=latents, input_ids=tok.input_ids, vector_index=tok.vector_index)
     noise, t = step.draw(mb)
-    from ti_fast.train.step import ti_loss
+    from ti_fast.training.step import ti_loss
     loss = ti_loss(ours.unet, ours.text_encoder, vec, mb, noise, t, step.sqrt_a, step.sqrt_1ma)
     loss.backward()
     ref = Reference(ref_unet, ref_te, tok, init)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ti_fast.train.config import TrainConfig
-from ti_fast.train.demo import make_demo_images
+from ti_fast.training.config import TrainConfig
+from ti_fast.training.demo import make_demo_images
 
 
 def images(tmp: Path, n: int = 4) -> Path:

@@ -70,7 +70,7 @@ def _flag(field: str) -> str:
 
 
 def add_train_args(p: argparse.ArgumentParser):
-    from .train.config import TrainConfig
+    from .training.config import TrainConfig
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     groups = {}
     for section, name, help_ in TRAIN_FLAGS:
@@ -91,14 +91,14 @@ def add_train_args(p: argparse.ArgumentParser):
 
 
 def cmd_train(a) -> int:
-    from .train.config import TrainConfig, TrainError
-    from .train.loop import train
+    from .training.config import TrainConfig, TrainError
+    from .training.loop import train
     over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
     if getattr(a, "no_half", False):
         over["precision"] = "full"
     try:
         if a.demo:
-            from .train.demo import demo_config
+            from .training.demo import demo_config
             cfg = demo_config(**over)
         elif a.config:
             cfg = TrainConfig.from_toml(a.config, **over)

@@ -184,8 +184,8 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     """Load (unless given), sample cfg.batch images, write PNGs with infotext into cfg.out."""
     from ..embeddings import load_library
     from ..loading import load_model
-    from ..train.loop import resolve_precision, _device
-    from ..train.latents import grey_latent, inpaint_concat
+    from ..training.loop import resolve_precision, _device
+    from ..training.latents import grey_latent, inpaint_concat
     from .infotext import make_infotext, write_png_with_infotext
 
     if cfg.sampler not in S.SAMPLERS:

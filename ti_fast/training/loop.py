@@ -113,9 +113,9 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
           handle_signals: bool = False) -> TrainResult:
     """Run one training job. Raises ConfigError (bad settings, before loading anything),
     NonFiniteLossError / OutOfMemoryError (after saving what was trained)."""
-    from ..train.data import list_images, prepare_dataset, BatchOrder, DataError
-    from ..train.templates import load_template, draw_prompt
-    from ..train.lr import parse_schedule, ScheduleError
+    from ..training.data import list_images, prepare_dataset, BatchOrder, DataError
+    from ..training.templates import load_template, draw_prompt
+    from ..training.lr import parse_schedule, ScheduleError
     from ..embeddings import Embedding, read_embedding, save_pt, save_safetensors, sanitize_name, init_vectors, EmbeddingError
     from ..loading import load_model
     from ..prompt import PromptTokenizer
@@ -411,7 +411,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
 
 
 def _micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg, rng, device) -> MicroBatch:
-    from ..train.templates import draw_prompt
+    from ..training.templates import draw_prompt
     lat, std, wts, prompts = [], [], [], []
     for i in batch:
         f = rng.randrange(2) if cfg.flip else 0    # which cached orientation
@@ -439,7 +439,7 @@ def _latent_weight(item, down, flip, device):
 
 
 def _first_prompt(lines, name, items):
-    from ..train.templates import render_prompt
+    from ..training.templates import render_prompt
     return render_prompt(lines[0], name, items[0].caption, rng=random.Random(0))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from .data import DataError
 
 TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords", "none")
-_DIR = Path(__file__).with_suffix("")          # ti_fast/train/templates/
+_DIR = Path(__file__).with_suffix("")          # ti_fast/training/templates/
 _COMMA_RUNS = re.compile(r"\s*,(\s*,)+\s*")     # ", ," left by an empty [filewords]
 
 
