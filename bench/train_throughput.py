@@ -188,6 +188,12 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
     batches = sorted(set(plan.batches) | ({4} if plan.full and not plan.tiny else set()))
     for b in batches:
         rows.append(measure(plan, "ti-fast eager", "ti-fast", "eager", b, lambda: ti_step(models, plan, b, "eager")))
+        if cuda and ops.active() == "triton":
+            # the same step with PyTorch's GroupNorm/GEGLU: does each Triton kernel earn its place?
+            ops.set_kernels("torch", verbose=False)
+            rows.append(measure(plan, "ti-fast eager (torch ops)", "ti-fast", "eager", b,
+                                lambda: ti_step(models, plan, b, "eager")))
+            ops.set_kernels("triton", verbose=False)
     for b in batches:
         if cuda:
             rows.append(measure(plan, "ti-fast cuda-graph", "ti-fast", "cuda-graph", b,

@@ -81,6 +81,19 @@ def test_bad_input_fails_before_loading(tmp_path, kw, match):
         train(cfg)
 
 
+def test_explicit_backends_that_cannot_run_fail(tiny_single, tmp_path):
+    with pytest.raises(ConfigError, match="CUDA"):
+        train(quick_config(tiny_single, tmp_path, kernels="triton"))
+    with pytest.raises(ConfigError, match="xformers"):
+        train(quick_config(tiny_single, tmp_path, attention="xformers"))
+
+
+def test_bad_model_is_a_config_error(tmp_path):
+    (tmp_path / "notamodel.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="notamodel"):
+        train(quick_config(tmp_path / "notamodel.safetensors", tmp_path))
+
+
 def test_empty_data_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="empty"):

@@ -47,6 +47,7 @@ TRAIN_FLAGS = [
     ("optimisation", "device", "auto (cuda if available, else cpu), cuda, cuda:1, cpu"),
     ("optimisation", "low_vram", "checkpoint the high-resolution blocks, VAE off the GPU (4-6 GB cards)"),
     ("optimisation", "cuda_graph", "capture the static training step in a CUDA graph"),
+    ("optimisation", "kernels", "fused GroupNorm+SiLU / GEGLU: torch, auto (Triton if it runs), triton"),
     ("outputs", "out", "folder for NAME.pt and NAME.safetensors"),
     ("outputs", "log_dir", "log folder (None: ./ti-logs/NAME)"),
     ("outputs", "save_every", "save embeddings/NAME-STEP.pt and the resumable state every N steps (0 = end only)"),

@@ -29,6 +29,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 LATENT_MODES = ("once", "deterministic", "random")
 RESIZE_MODES = ("crop", "squash")
 ATTENTION = ("auto", "sdpa", "xformers", "math", "triton")
+KERNELS = ("torch", "auto", "triton")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainConfig:
     device: str = "auto"                 # auto = cuda if available, else cpu
     low_vram: bool = False               # checkpointing where it pays most, VAE off the GPU
     cuda_graph: bool = False             # capture the static step in a CUDA graph
+    kernels: str = "torch"               # fused GroupNorm+SiLU / GEGLU: torch | auto | triton
     # --- outputs
     out: str = "embeddings"
     log_dir: str | None = None           # default ./ti-logs/NAME
@@ -147,6 +149,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
     need(cfg.latents in LATENT_MODES, f"--latents {cfg.latents!r}: choose {', '.join(LATENT_MODES)}")
     need(cfg.resize in RESIZE_MODES, f"--resize {cfg.resize!r}: choose {', '.join(RESIZE_MODES)}")
+    need(cfg.kernels in KERNELS, f"--kernels {cfg.kernels!r}: choose {', '.join(KERNELS)}")
     need(cfg.attention in ATTENTION, f"--attention {cfg.attention!r}: choose {', '.join(ATTENTION)}")
     need(0.0 <= cfg.tag_dropout < 1.0, f"--tag-dropout must be in [0, 1) (got {cfg.tag_dropout})")
     need(cfg.clip_skip >= 1, f"--clip-skip must be >= 1 (A1111 numbering, 1 = off; got {cfg.clip_skip})")

@@ -165,10 +165,25 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
 
     # ---- 2. model
     say(f"ti-fast: loading {cfg.model} on {device} ({str(dtype).replace('torch.', '')})")
-    model = load_model(cfg.model, device=device, dtype=dtype, vae=cfg.vae, tokenizer=cfg.tokenizer)
-    from ..models.attention import set_attention_backend
-    set_attention_backend(model.unet, cfg.attention, device, verbose=not cfg.quiet)
-    set_attention_backend(model.text_encoder, "sdpa" if cfg.attention in ("auto", "triton") else cfg.attention, device, verbose=False)
+    from ..loading import ModelLoadError
+    from ..models.attention import set_attention_backend, AttentionBackendError
+    try:
+        model = load_model(cfg.model, device=device, dtype=dtype, vae=cfg.vae, tokenizer=cfg.tokenizer)
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
+    from ..models.ops import set_kernels, KernelError
+    if cfg.kernels == "triton" and device.type != "cuda":
+        raise ConfigError("--kernels triton needs a CUDA device (use --kernels torch or auto)")
+    try:
+        set_kernels(cfg.kernels, verbose=not cfg.quiet)
+    except KernelError as e:
+        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
+    try:
+        set_attention_backend(model.unet, cfg.attention, device, verbose=not cfg.quiet)
+        set_attention_backend(model.text_encoder, "sdpa" if cfg.attention in ("auto", "triton") else cfg.attention,
+                              device, verbose=False)
+    except AttentionBackendError as e:
+        raise ConfigError(str(e)) from None
     unet, te, vae = model.unet, model.text_encoder, model.vae
     for m in (unet, te, vae):
         m.requires_grad_(False).eval()
