@@ -235,44 +235,8 @@ def test_interpreted_through_ops_dispatch(gn):
 
 # ----------------------------------------------------------------------------- CPU, sm_90 compile
 
-# Compiles (never launches) the kernels exactly as the launchers call them, for an sm_90 GPU,
-# on any machine with triton's NVIDIA backend (bundled ptxas): catches what the interpreter
-# cannot (typing, constexpr use, layouts) and shows whether loads vectorise. It swaps in a
-# fake driver and a compile-only JITFunction.run, so it runs in a child process. Exit 3: the
-# harness does not fit this triton version (skip), not a kernel error.
-AOT_HARNESS = r"""
-import json, re, sys
-import torch
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
+# sm_90 compile of the kernels as the launchers call them: see tests/aot_harness.py.
 
-    class FakeCUDA:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(FakeCUDA())
-    launch = JITFunction.run
-except Exception as e:
-    print(f"harness: {type(e).__name__}: {e}")
-    sys.exit(3)
-found = []
-
-def compile_only(self, *args, grid, warmup, **kw):
-    k = launch(self, *args, grid=grid, warmup=True, **kw)
-    found.append({"kernel": self.fn.__name__, "grid": list(grid), "tag": TAG,
-                  "loads": sorted(set(re.findall(r"ld\.global[.\w]*", k.asm["ptx"])))})
-    return k
-
-JITFunction.run = compile_only
-TAG = None
-exec(sys.argv[1])
-print("FOUND " + json.dumps(found))
-"""
 
 AOT_CALLS = """
 from ti_fast.kernels import group_norm_silu as gn
@@ -293,14 +257,8 @@ for shape, cl in [((1, 320, 64, 64), False), ((2, 320, 64, 64), True), ((2, 2560
 
 
 def test_compiles_for_sm90():
-    pytest.importorskip("triton")
-    import json
-    r = subprocess.run([sys.executable, "-c", AOT_HARNESS, AOT_CALLS], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0"})
-    if r.returncode == 3:
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0, f"sm_90 compile failed:\n{r.stdout[-5000:]}\n{r.stderr[-10000:]}"
-    found = json.loads(r.stdout.split("FOUND ", 1)[1])
+    from aot_harness import compile_for_sm90
+    found = compile_for_sm90(AOT_CALLS)
     assert len({f["kernel"] for f in found}) == 4, found
     for f in found:  # NCHW at SD shapes: 16-byte vector loads (8 bf16/fp16 or 4 fp32)
         if "nchw" in f["tag"] and "(2, 14, 1, 1)" not in f["tag"]:

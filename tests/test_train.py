@@ -176,7 +176,6 @@ def test_gradient_checkpointing_same_gradients(tiny_single):
 
 
 def test_lowvram_blocks_are_high_resolution(tiny_single):
-    from ti_fast.loading import load_model
     from ti_fast.training.lowvram import checkpoint_blocks
     from ti_fast.models import UNet, UNetConfig
     with torch.device("meta"):                      # SD1.5 shapes, no memory, no init time

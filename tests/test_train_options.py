@@ -2,8 +2,6 @@
 weights, fp16 loss scaling with clipping on unscaled gradients."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image

@@ -7,7 +7,7 @@ t [B] (float, fractional allowed), context [B, T, 768] -> eps [B, 4, h, w].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,6 @@ callback returning True (cancel = the Ctrl-C path: save, then return status "can
 from __future__ import annotations
 
 import math
-import os
 import platform
 import random
 import signal
@@ -21,7 +20,7 @@ import torch
 
 from .. import __version__
 from . import config as C
-from .config import TrainConfig, ConfigError, NonFiniteLossError, OutOfMemoryError, TrainError
+from .config import TrainConfig, ConfigError, NonFiniteLossError, OutOfMemoryError
 from .outputs import LossLog, plot_loss, write_settings, save_state, load_state
 from .step import TrainStep, MicroBatch, LossScaler
 
@@ -114,7 +113,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     """Run one training job. Raises ConfigError (bad settings, before loading anything),
     NonFiniteLossError / OutOfMemoryError (after saving what was trained)."""
     from ..training.data import list_images, prepare_dataset, BatchOrder, DataError
-    from ..training.templates import load_template, draw_prompt
+    from ..training.templates import load_template
     from ..training.lr import parse_schedule, ScheduleError
     from ..embeddings import Embedding, read_embedding, save_pt, save_safetensors, sanitize_name, init_vectors, EmbeddingError
     from ..loading import load_model
@@ -133,7 +132,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         raise ConfigError(f"--lr: {e}") from None
     try:
         lines = load_template(cfg.template)
-        image_paths = list_images(cfg.data, recursive=cfg.recursive)
+        list_images(cfg.data, recursive=cfg.recursive)     # missing/empty folder: fail before loading
     except DataError as e:
         raise ConfigError(str(e)) from None
     start_emb = None
@@ -338,6 +337,15 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         good = snapshot(step)
         return None
 
+    def check():
+        """Flush; on a non-finite loss or gradient roll back to the last good state and stop."""
+        bad = flush_pending()
+        if bad is not None:
+            save_final(good)
+            raise NonFiniteLossError(
+                f"loss became NaN/inf at step {bad}; restored the vectors of step {good['step']} and saved them "
+                f"to {pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
+
     try:
         while step < sched.end_step:
             if stopper.should_stop({"step": step}):
@@ -363,12 +371,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
             due_save = cfg.save_every and step % cfg.save_every == 0
             due_prev = preview is not None and cfg.preview_every and step % cfg.preview_every == 0
             if len(pending) >= check_every or due_save or due_prev or step == sched.end_step:
-                bad = flush_pending()
-                if bad is not None:
-                    save_final(good)
-                    raise NonFiniteLossError(
-                        f"loss became NaN/inf at step {bad}; restored the vectors of step {good['step']} and saved them "
-                        f"to {pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
+                check()
             if due_save:
                 save_pt(embedding(vectors, step), log_dir / "embeddings" / f"{name}-{step}.pt")
                 save_state(state_path, snapshot(step))
@@ -376,12 +379,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                 plot_loss(loss_log.losses(), log_dir / "loss.png", title=f"{name} loss")
             if due_prev:
                 preview(step, vectors.detach(), embedding(vectors, step))
-        bad = flush_pending()
-        if bad is not None:
-            save_final(good)
-            raise NonFiniteLossError(
-                f"loss became NaN/inf at step {bad}; restored the vectors of step {good['step']} and saved them "
-                f"to {pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
+        check()
         save_final(snapshot(step))
     except NonFiniteLossError:
         raise
