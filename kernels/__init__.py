@@ -13,11 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-if __name__ == "kernels":
-    # Imported as a top-level `kernels` because the repo root is on sys.path: that name belongs
-    # to a PyPI package other libraries probe for (bitsandbytes does). Refuse, so they see it absent.
-    raise ImportError("ti-fast's kernels/ folder is importable as ti_fast.kernels only")
-
 
 def available() -> bool:
     """True when the kernels can run here: triton importable, and a CUDA GPU or the Triton
