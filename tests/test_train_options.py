@@ -63,3 +63,33 @@ def test_fp16_scaling_clips_unscaled_gradients(tiny_single):
         outs.append(v.detach().clone())
     assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-7)
     assert (torch.ones(2, 32) * 0.1 - outs[0]).norm() == pytest.approx(1e-6, rel=1e-2)   # clipped to the norm
+
+
+def test_clip_grad_value_and_schedule(tiny_single, tmp_path):
+    from ti_fast.training.config import ConfigError, parse_clip_grad
+    mode, sched = parse_clip_grad("norm:0.1:3, 0.05", 10)
+    assert mode == "norm" and sched.rate(0) == 0.1 and sched.rate(3) == 0.05
+    for bad in ("norm:abc", "size:1", "value:-1", "value:"):
+        with pytest.raises(ConfigError, match="clip-grad"):
+            parse_clip_grad(bad, 10)
+    res = train(quick_config(tiny_single, tmp_path, steps=4, clip_grad="value:1e-4:2, 1e-5", lr="1.0",
+                             optimizer="adamw"))
+    assert res.status == "completed"
+
+
+def test_value_clip_bounds_each_component(tiny_single):
+    from ti_fast.loading import load_model
+    from ti_fast.prompt import PromptTokenizer
+    from ti_fast.training.step import MicroBatch, TrainStep
+    m = load_model(tiny_single)
+    tok = PromptTokenizer(m.tokenizer, {"tok": 1})(["a tok"], chunks=1)
+    mb = MicroBatch(latents=torch.randn(1, 4, 8, 8), input_ids=tok.input_ids, vector_index=tok.vector_index)
+    v = torch.nn.Parameter(torch.zeros(1, 32))
+    step = TrainStep(m.unet, m.text_encoder, v, torch.optim.SGD([v], lr=1.0),
+                     generator=torch.Generator().manual_seed(0), clip_grad=("value", 1e-9))
+    step([mb])
+    assert v.detach().abs().max() <= 1e-9 * (1 + 1e-6) and v.detach().abs().max() > 0
+    step.set_clip(0.0)
+    before = v.detach().clone()
+    step([mb])
+    assert torch.equal(v.detach(), before)

@@ -38,7 +38,7 @@ TRAIN_FLAGS = [
     ("optimisation", "batch_size", "images per micro-batch"),
     ("optimisation", "grad_accum", "micro-batches per optimizer step"),
     ("optimisation", "optimizer", "adamw or adamw8bit (bitsandbytes, 8-bit state)"),
-    ("optimisation", "clip_grad", "gradient clipping: value:X or norm:X (on unscaled gradients)"),
+    ("optimisation", "clip_grad", "gradient clipping on unscaled gradients: value:X or norm:X; X may be a schedule (norm:0.1:500, 0.05)"),
     ("optimisation", "precision", "auto (bf16 if supported, else fp16; full on CPU), bf16, fp16, full"),
     ("optimisation", "gradient_checkpointing", "recompute every UNet block in backward (less memory, slower)"),
     ("optimisation", "attention", "attention backend: auto, sdpa, xformers, math, triton"),

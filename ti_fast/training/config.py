@@ -62,7 +62,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     optimizer: str = "adamw"             # adamw | adamw8bit
-    clip_grad: str | None = None         # value:X | norm:X
+    clip_grad: str | None = None         # value:X | norm:X (X may be a schedule)
     precision: str = "auto"              # auto | bf16 | fp16 | full
     gradient_checkpointing: bool = False
     attention: str = "auto"
@@ -113,21 +113,21 @@ class TrainConfig:
         return cls(**data)
 
 
-_CLIP_RE = re.compile(r"^(value|norm):\s*([0-9.eE+-]+)$")
+_CLIP_RE = re.compile(r"^\s*(value|norm)\s*:(.+)$", re.S)
 
 
-def parse_clip_grad(spec: str | None):
-    """'value:X' | 'norm:X' -> (mode, X) or None."""
+def parse_clip_grad(spec: str | None, steps: int = 1):
+    """'value:X' | 'norm:X', X a number or an A1111 schedule ('norm:0.1:500, 0.05') -> (mode, Schedule) or None."""
     if not spec:
         return None
-    m = _CLIP_RE.match(spec.strip())
+    from .lr import parse_schedule, ScheduleError
+    m = _CLIP_RE.match(spec)
+    if not m:
+        raise ConfigError(f"--clip-grad {spec!r}: use value:X or norm:X (X > 0, or a schedule like 0.1:500, 0.05)")
     try:
-        x = float(m.group(2)) if m else -1.0
-    except ValueError:
-        x = -1.0
-    if not m or x <= 0:
-        raise ConfigError(f"--clip-grad {spec!r}: use value:X or norm:X with X > 0")
-    return m.group(1), x
+        return m.group(1), parse_schedule(m.group(2), max(1, steps), what="clip threshold")
+    except ScheduleError as e:
+        raise ConfigError(f"--clip-grad {spec!r}: {e}") from None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -157,4 +157,4 @@ def validate(cfg: TrainConfig) -> None:
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
     need(cfg.data is not None, "--data DIR is required (a folder of training images)")
     need(cfg.name is not None or cfg.embedding is not None, "--name NAME is required (or --embedding FILE)")
-    parse_clip_grad(cfg.clip_grad)
+    parse_clip_grad(cfg.clip_grad, cfg.steps)

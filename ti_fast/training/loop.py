@@ -125,7 +125,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
 
     # ---- 1. everything that can be checked without a model
     C.validate(cfg)
-    clip_grad = C.parse_clip_grad(cfg.clip_grad)
+    clip_sched = C.parse_clip_grad(cfg.clip_grad, cfg.steps)
     try:
         sched = parse_schedule(cfg.lr, cfg.steps)
     except ScheduleError as e:
@@ -247,7 +247,9 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     optimizer = _make_optimizer(cfg.optimizer, [vectors], sched.rate(start_step))
     scaler = LossScaler() if dtype == torch.float16 else None
     step_fn = TrainStep(unet, te, vectors, optimizer, generator=gen, clip_skip=cfg.clip_skip,
-                        clip_grad=clip_grad, scaler=scaler)
+                        clip_grad=(clip_sched[0], clip_sched[1].rate(start_step)) if clip_sched else None,
+                        scaler=scaler)
+    base_step = step_fn                            # set_clip lives on the eager step (graphs share its tensor)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(_tuple(state["py_rng"]))
@@ -354,6 +356,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
             lr = sched.rate(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            if clip_sched and clip_sched[1].rate(step) != clip_sched[1].rate(max(step - 1, 0)):
+                base_step.set_clip(clip_sched[1].rate(step))
             mbs = []
             for _ in range(cfg.grad_accum):
                 batch = order.next_batch()

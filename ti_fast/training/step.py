@@ -76,9 +76,17 @@ class TrainStep:
                  clip_skip: int = 1, clip_grad=None, scaler: LossScaler | None = None):
         self.unet, self.text_encoder, self.vectors = unet, text_encoder, vectors
         self.optimizer, self.gen = optimizer, generator
-        self.clip_skip, self.clip_grad, self.scaler = clip_skip, clip_grad, scaler
+        self.clip_skip, self.scaler = clip_skip, scaler
+        # clip_grad: (mode, threshold). The threshold lives in a device tensor so a schedule can
+        # change it between steps without host syncs (and under CUDA-graph replay).
+        self.clip_mode = clip_grad[0] if clip_grad else None
+        self.clip_value = torch.tensor(float(clip_grad[1]) if clip_grad else 0.0, device=vectors.device)
         acp = _alphas_cumprod().float().to(vectors.device)
         self.sqrt_a, self.sqrt_1ma = acp.sqrt(), (1 - acp).sqrt()
+
+    def set_clip(self, threshold: float) -> None:
+        """Threshold for the next steps (a schedule's value); a device-side fill, no sync."""
+        self.clip_value.fill_(float(threshold))
 
     def draw(self, mb: MicroBatch):
         """ε (and the latent sample's noise for --latents random) and t, from the step's generator."""
@@ -110,11 +118,9 @@ class TrainStep:
             self.scaler.update(ok)
             if not ok:                             # overflow: skip this update, lower the scale;
                 return mean, torch.isfinite(mean)  # a non-finite LOSS is still a real failure
-        if self.clip_grad is not None:
-            mode, x = self.clip_grad
-            if mode == "value":
-                grad.clamp_(-x, x)
-            else:
-                torch.nn.utils.clip_grad_norm_([self.vectors], x)
+        if self.clip_mode == "value":
+            grad.copy_(torch.maximum(torch.minimum(grad, self.clip_value), -self.clip_value))
+        elif self.clip_mode == "norm":                 # as clip_grad_norm_, with a tensor threshold
+            grad.mul_((self.clip_value / (grad.norm() + 1e-6)).clamp(max=1.0))
         self.optimizer.step()
         return mean, finite
