@@ -231,9 +231,9 @@ def row(name: str, impl: str, mode: str, batch: int | None, **kw) -> dict:
 
 def finish_rows(rows: list[dict], flop_per_sample: float, peak_flops: float) -> None:
     """Fill samples/s and MFU from ms/step, then each ti-fast row's ratio to the peer at the same
-    batch: low-vram against the peer with gradient checkpointing, the rest against plain
-    diffusers-TI. MFU counts useful FLOPs only (recomputation and the peer's per-step VAE encode
-    are not credited)."""
+    batch: low-vram and offload (both recompute in backward) against the peer with gradient
+    checkpointing, the rest against plain diffusers-TI. MFU counts useful FLOPs only
+    (recomputation and the peer's per-step VAE encode are not credited)."""
     for r in rows:
         if r["status"] == "ok" and r["ms_per_step"]:
             r["samples_per_s"] = r["batch"] * 1e3 / r["ms_per_step"]
@@ -242,7 +242,7 @@ def finish_rows(rows: list[dict], flop_per_sample: float, peak_flops: float) -> 
     for r in rows:
         if r["impl"] != "ti-fast" or not r["samples_per_s"]:
             continue
-        p = peers.get(("checkpointing" if r["mode"] == "low-vram" else "eager", r["batch"]))
+        p = peers.get(("checkpointing" if r["mode"] in ("low-vram", "offload") else "eager", r["batch"]))
         if p is not None:
             r["ratio_vs_peer"], r["peer_row"] = r["samples_per_s"] / p["samples_per_s"], p["name"]
 

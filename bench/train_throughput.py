@@ -12,9 +12,13 @@ row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x sampl
   ti-fast eager          TrainStep from ti_fast.training.step; UNet + text encoder bf16; cached
                          latents (the VAE is absent, as after the trainer's caching)
   ti-fast cuda-graph     the same step through ti_fast.training.graph.GraphedStep
+  ... + channels_last    the graphed step with ti_fast.training.accel.ChannelsLast (NHWC convs)
   ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), under a 3 GiB allocator cap
-  ti-fast offload        under 2 GiB: reported "not implemented" while ti_fast has no such mode
-  ti-fast torch.compile  (--full) the UNet compiled; first_step_s is the compile time
+  ti-fast offload        ti_fast.training.offload.Offloader: the UNet's blocks stream from pinned
+                         host memory, under a 2 GiB allocator cap (the UNet alone is 1.72 GB);
+                         its peak is reset after the resident weights left the device
+  ti-fast torch.compile  (--full/--compile) ti_fast.training.accel.compile_unet; compile_s = the
+                         first step's time less one timed step
   ti-fast best under N   (--full) the fastest of eager/low-vram at batch 8/4/1 that fits N GiB
   diffusers-TI           bench/peer.py; plain, and with gradient checkpointing at batch 1
 Also: launch-to-first-step, peak RssAnon while loading, generation (bench/startup.py), the
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import tempfile
@@ -40,6 +43,8 @@ from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig, VAECon
 from ti_fast.models import ops
 from ti_fast.training.step import TrainStep, MicroBatch
 from ti_fast.training.lowvram import checkpoint_blocks
+from ti_fast.training.offload import Offloader
+from ti_fast.training.accel import ChannelsLast, compile_unet
 
 from . import common as C
 
@@ -109,34 +114,61 @@ def micro_batch(plan: Plan, te: CLIPTextEncoder, b: int, seed: int = 0) -> Micro
     return MicroBatch(latents=lat, input_ids=ids, vector_index=vidx)
 
 
-def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str):
+def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: bool = False):
     """(fn, finish) for one ti-fast row. fn = one optimizer step as the trainer issues it (lr
-    written into param_groups, then the step); finish() -> the last loss and finite flag."""
+    written into param_groups, then the step); finish() puts the shared models back as they were
+    (measure calls it after a failure too) and returns the last loss and finite flag."""
     unet = models.unet
     unet.set_gradient_checkpointing(mode == "low-vram", checkpoint_blocks(unet) if mode == "low-vram" else None)
-    u = torch.compile(unet, dynamic=False) if mode == "compile" else unet
-    width = models.te.config.width
-    vectors = torch.nn.Parameter(torch.randn(1, width, device=plan.device) * 0.02)
-    opt = torch.optim.AdamW([vectors], lr=LR, weight_decay=0.0)
-    gen = torch.Generator(device=plan.device).manual_seed(0)
-    step = TrainStep(u, models.te, vectors, opt, generator=gen)
-    if mode == "cuda-graph":
-        from ti_fast.training.graph import GraphedStep
-        step = GraphedStep(step, say=plan.say)
-    mb = [micro_batch(plan, models.te, b)]
-    last = {}
+    nhwc = ChannelsLast(unet).attach() if channels_last else None
+    off = None
+    step = None
+
+    def restore():
+        if hasattr(step, "reset"):
+            step.reset()                               # free the graphs' pool before the next row
+        if off is not None:
+            off.detach()                               # the weights return to the device
+        if nhwc is not None:
+            nhwc.detach()
+        unet.set_gradient_checkpointing(False)
+
+    try:
+        if mode == "offload":
+            # The shared UNet's weights move to pinned host memory, which frees them on the
+            # device: the row's peak is reset here, so it counts the offloaded run only.
+            off = Offloader(unet, plan.device, prefetch=1).attach()
+            C.free_memory(plan.device)
+            C.reset_peak(plan.device)
+        u = compile_unet(unet) if mode == "compile" else unet
+        width = models.te.config.width
+        vectors = torch.nn.Parameter(torch.randn(1, width, device=plan.device) * 0.02)
+        opt = torch.optim.AdamW([vectors], lr=LR, weight_decay=0.0)
+        gen = torch.Generator(device=plan.device).manual_seed(0)
+        step = TrainStep(u, models.te, vectors, opt, generator=gen)
+        if mode == "cuda-graph":
+            from ti_fast.training.graph import GraphedStep
+            step = GraphedStep(step, say=plan.say)
+        mb = [micro_batch(plan, models.te, b)]
+    except BaseException:
+        restore()
+        raise
+    last = {"steps": 0}
 
     def fn():
         for g in opt.param_groups:
             g["lr"] = LR
         last["out"] = step(mb)
+        last["steps"] += 1
 
     def finish():
+        extra = {}
+        if off is not None:   # SD1.5: 1.72 GB streamed; every block copied twice per step
+            extra = {"streamed_gb": off.streamed_bytes() / 1e9,
+                     "copies_per_step": sum(off.loads.values()) / max(1, last["steps"])}
+        restore()
         loss, finite = last["out"]
-        if hasattr(step, "reset"):
-            step.reset()                               # free the graphs' pool before the next row
-        unet.set_gradient_checkpointing(False)
-        return {"loss": float(loss), "finite": bool(finite)}
+        return {"loss": float(loss), "finite": bool(finite), **extra}
 
     return fn, finish
 
@@ -157,9 +189,12 @@ def count_flops(models: TiFastModels, plan: Plan) -> float:
 
 def measure(plan: Plan, name: str, impl: str, mode: str, b: int, make, cap: float | None = None) -> dict:
     """Set up (make() -> (fn, finish)), run the first step alone (first_step_s: compile, graph
-    capture, autotuning), warm up, time. OOM and errors become the row's status."""
+    capture, autotuning), warm up, time. OOM and errors become the row's status. finish() runs
+    after the cap is lifted (offload's detach brings the whole UNet back to the device) and also
+    after a failure, so that no row leaves the shared models changed for the next."""
     r = C.row(name, impl, mode, b, cap_gib=cap)
     C.free_memory(plan.device)
+    finish = None
     try:
         with C.MemoryCap(plan.device, cap):
             C.reset_peak(plan.device)
@@ -170,9 +205,16 @@ def measure(plan: Plan, name: str, impl: str, mode: str, b: int, make, cap: floa
             r["first_step_s"] = time.perf_counter() - t0
             ms, n = C.time_steps(fn, plan.device, warmup=max(0, plan.warmup - 1), iters=plan.iters)
             r.update(ms_per_step=ms, steps_timed=n, peak_gib=C.peak_gib(plan.device))
-            r.update(finish())
     except Exception as e:
         r["status"] = "oom" if C.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+    if finish is not None:
+        try:
+            out = finish()
+            if r["status"] == "ok":
+                r.update(out)
+        except Exception as e:
+            if r["status"] == "ok":
+                r["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
     C.free_memory(plan.device)
     plan.say(f"bench: {name} b{b}: {r['status']}"
              + (f", {r['ms_per_step']:.1f} ms/step, peak {r['peak_gib'] or 0:.2f} GiB" if r["ms_per_step"] else ""))
@@ -195,17 +237,20 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
                                 lambda: ti_step(models, plan, b, "eager")))
             ops.set_kernels("triton", verbose=False)
     for b in batches:
-        if cuda:
-            rows.append(measure(plan, "ti-fast cuda-graph", "ti-fast", "cuda-graph", b,
-                                lambda: ti_step(models, plan, b, "cuda-graph")))
-        else:
-            rows.append(C.row("ti-fast cuda-graph", "ti-fast", "cuda-graph", b, status="skipped: needs CUDA"))
+        for nhwc in (False, True):
+            name = "ti-fast cuda-graph" + (" + channels_last" if nhwc else "")
+            if cuda:
+                r = measure(plan, name, "ti-fast", "cuda-graph", b,
+                            lambda: ti_step(models, plan, b, "cuda-graph", channels_last=nhwc))
+                rows.append(dict(r, channels_last=nhwc))
+            else:
+                rows.append(C.row(name, "ti-fast", "cuda-graph", b, status="skipped: needs CUDA",
+                                  channels_last=nhwc))
     rows.append(measure(plan, f"ti-fast low-vram (cap {LOW_VRAM_CAP:g} GiB)", "ti-fast", "low-vram", 1,
                         lambda: ti_step(models, plan, 1, "low-vram"), cap=LOW_VRAM_CAP if cuda else None))
-    has_offload = importlib.util.find_spec("ti_fast.training.offload") is not None
-    rows.append(C.row(f"ti-fast offload (cap {OFFLOAD_CAP:g} GiB)", "ti-fast", "offload", 1, cap_gib=OFFLOAD_CAP,
-                      status="not implemented: " + ("ti_fast.training.offload exists but is not driven here yet"
-                                                    if has_offload else "ti_fast has no offload mode")))
+    # runs on the CPU too (--tiny): the offloader's hooks and copies work there, without streams
+    rows.append(measure(plan, f"ti-fast offload (cap {OFFLOAD_CAP:g} GiB)", "ti-fast", "offload", 1,
+                        lambda: ti_step(models, plan, 1, "offload"), cap=OFFLOAD_CAP if cuda else None))
     if plan.compile:
         for b in plan.batches:
             r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,

@@ -72,6 +72,9 @@ class TrainConfig:
     low_vram: bool = False               # checkpointing where it pays most, VAE off the GPU
     cuda_graph: bool = False             # capture the static step in a CUDA graph
     kernels: str = "torch"               # fused GroupNorm+SiLU / GEGLU: torch | auto | triton
+    offload: bool = False                # UNet blocks stream from pinned host memory (weights > VRAM)
+    compile: bool = False                # torch.compile the UNet (minutes of compilation first)
+    channels_last: bool = False          # UNet convs and activations in NHWC memory order
     # --- outputs
     out: str = "embeddings"
     log_dir: str | None = None           # default ./ti-logs/NAME
@@ -157,4 +160,10 @@ def validate(cfg: TrainConfig) -> None:
     need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
     need(cfg.data is not None, "--data DIR is required (a folder of training images)")
     need(cfg.name is not None or cfg.embedding is not None, "--name NAME is required (or --embedding FILE)")
+    need(not (cfg.offload and str(cfg.device).split(":")[0] == "cpu"),
+         "--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
+    need(not (cfg.offload and cfg.compile), "--offload and --compile exclude each other "
+         "(offload swaps the weights in Python hooks between blocks; a compiled UNet cannot follow)")
+    need(not (cfg.offload and cfg.cuda_graph), "--offload and --cuda-graph exclude each other "
+         "(a graph replays fixed weight addresses; offload moves the weights every step)")
     parse_clip_grad(cfg.clip_grad, cfg.steps)

@@ -160,6 +160,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     state = load_state(state_path) if cfg.resume else None
     seed = int(state["seed"]) if state else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     device = _device(cfg.device)
+    if cfg.offload and device.type != "cuda":
+        raise ConfigError("--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
     dtype = resolve_precision(cfg.precision, device)
 
     # ---- 2. model
@@ -167,9 +169,14 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     from ..loading import ModelLoadError
     from ..models.attention import set_attention_backend, AttentionBackendError
     try:
-        model = load_model(cfg.model, device=device, dtype=dtype, vae=cfg.vae, tokenizer=cfg.tokenizer)
+        # --offload: load on the CPU, move all but the UNet (its blocks stream, see prepare_unet)
+        model = load_model(cfg.model, device="cpu" if cfg.offload else device, dtype=dtype, vae=cfg.vae,
+                           tokenizer=cfg.tokenizer)
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
+    if cfg.offload:
+        model.text_encoder.to(device)
+        model.vae.to(device)
     from ..models.ops import set_kernels, KernelError
     if cfg.kernels == "triton" and device.type != "cuda":
         raise ConfigError("--kernels triton needs a CUDA device (use --kernels torch or auto)")
@@ -188,7 +195,11 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         m.requires_grad_(False).eval()
     if cfg.gradient_checkpointing or cfg.low_vram:
         from .lowvram import checkpoint_blocks
-        unet.set_gradient_checkpointing(True, None if cfg.gradient_checkpointing else checkpoint_blocks(unet))
+        unet.set_gradient_checkpointing(True, None if cfg.gradient_checkpointing else checkpoint_blocks(
+            unet, batch=cfg.batch_size, latent_hw=(cfg.height // 8, cfg.width // 8), elem_bytes=dtype.itemsize))
+    from .accel import prepare_unet                # --channels-last, --offload, --compile (at the first step)
+    unet_step = prepare_unet(unet, device, channels_last=cfg.channels_last, offload=cfg.offload,
+                             compile=cfg.compile, say=say)
     width = te.config.width
 
     # ---- 3. the embedding's vectors (fp32 master copy)
@@ -246,7 +257,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     # ---- 5. optimizer, step, resume
     optimizer = _make_optimizer(cfg.optimizer, [vectors], sched.rate(start_step))
     scaler = LossScaler() if dtype == torch.float16 else None
-    step_fn = TrainStep(unet, te, vectors, optimizer, generator=gen, clip_skip=cfg.clip_skip,
+    step_fn = TrainStep(unet_step, te, vectors, optimizer, generator=gen, clip_skip=cfg.clip_skip,
                         clip_grad=(clip_sched[0], clip_sched[1].rate(start_step)) if clip_sched else None,
                         scaler=scaler)
     base_step = step_fn                            # set_clip lives on the eager step (graphs share its tensor)
@@ -364,6 +375,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                 mbs.append(_micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg, rng, device))
             if t0 is None:
                 t0 = time.perf_counter()
+            t_step = time.perf_counter()
             loss, finite = step_fn(mbs)
             step += 1
             samples += cfg.batch_size * cfg.grad_accum
@@ -372,6 +384,10 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)      # once: time the first step finished, not issued
                 settings["launch_to_first_step_s"] = round(time.perf_counter() - t_launch, 3)
+                if cfg.compile:
+                    settings["compile_s"] = round(time.perf_counter() - t_step, 3)
+                    say(f"ti-fast: torch.compile: the first step (compilation) took {settings['compile_s']:.1f} s")
+                    write_settings(log_dir / "settings.json", settings)
             due_save = cfg.save_every and step % cfg.save_every == 0
             due_prev = preview is not None and cfg.preview_every and step % cfg.preview_every == 0
             if len(pending) >= check_every or due_save or due_prev or step == sched.end_step:
@@ -400,7 +416,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         if _is_oom(e):
             raise OutOfMemoryError(
                 f"out of memory on {device} at step {step} (saved {pt_path}). Lower --batch-size, add "
-                f"--gradient-checkpointing or --low-vram, or use --precision bf16/fp16.") from e
+                f"--gradient-checkpointing, --low-vram or --offload, or use --precision bf16/fp16.") from e
         if isinstance(e, KeyboardInterrupt):
             status = "interrupted"
         else:
