@@ -14,17 +14,11 @@ error must be <= 2x the reference's own error in the test dtype, plus a small fl
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max|truth|
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 from process "
-                                 "start: run by test_interpreted_in_subprocess")
+from kernel_testing import FLOOR, INTERPRET, interpreted, run_interpreted
 
 
 @pytest.fixture
@@ -47,13 +41,7 @@ def gg_cuda():
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting in this process")
 def test_interpreted_in_subprocess():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-k", "interpreted",
-           "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning",
-           "--tb=short"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
+    run_interpreted(__file__)
 
 
 def _run(mod, lead, f, dtype, device="cpu", h=None):
@@ -141,7 +129,7 @@ def test_interpreted_through_ops_dispatch(gg):
 
 # ----------------------------------------------------------------------------- CPU, sm_90 compile
 
-# sm_90 compile of the kernels as the launchers call them: see tests/aot_harness.py.
+# sm_90 compile of the kernels as the launchers call them: see tests/kernel_testing.py.
 
 
 AOT_CALLS = """
@@ -156,7 +144,7 @@ for lead, f in [((2, 4096), 1280), ((2, 1024), 2560), ((2, 256), 5120), ((3, 7),
 
 
 def test_compiles_for_sm90():
-    from aot_harness import compile_for_sm90
+    from kernel_testing import compile_for_sm90
     found = compile_for_sm90(AOT_CALLS)
     assert {f["kernel"] for f in found} == {"_geglu_fwd_kernel", "_geglu_bwd_kernel"}, found
     for f in found:  # SD shapes: 16-byte vector loads (8 bf16/fp16 or 4 fp32 a thread)

@@ -1,4 +1,7 @@
-"""Compiles (never launches) Triton kernels as their launchers call them, for an sm_90 GPU, on any
+"""Shared scaffolding of the kernel tests: tolerance floors, the interpreter switch, the child
+pytest that runs the interpreted tests, and the sm_90 compile harness.
+
+The sm_90 harness compiles (never launches) Triton kernels as their launchers call them, for an sm_90 GPU, on any
 machine with triton's NVIDIA backend (bundled ptxas): catches what the interpreter cannot
 (typing, constexpr use, layouts) and shows whether loads vectorise. It swaps in a fake driver
 and a compile-only JITFunction.run, so it runs in a child process. Exit 3: the harness does not
@@ -11,6 +14,24 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x max|truth|
+# TRITON_INTERPRET must be set before `import triton` (triton 3.6 reads it when @triton.jit
+# decorates): interpreted tests run only in a process started with it (see run_interpreted).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 from process "
+                                 "start: run by test_interpreted_in_subprocess")
+
+
+def run_interpreted(test_file: str) -> None:
+    """Run the `interpreted` tests of test_file in a child pytest with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-m", "not gpu", "-k", "interpreted",
+           "-p", "no:cacheprovider", "-o", "addopts=", "-W", "ignore::DeprecationWarning", "--tb=short"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-20000:]}\n{r.stderr[-5000:]}"
 
 AOT_HARNESS = r"""
 import json, re, sys
