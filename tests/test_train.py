@@ -189,3 +189,12 @@ def test_lowvram_checkpoints_best_memory_per_flop_until_the_budget_fits():
     from ti_fast.loading.tiny import TINY_UNET
     tiny = checkpoint_blocks(UNet(TINY_UNET))       # other shapes: the high-resolution levels
     assert tiny and all(n.startswith(("input_blocks", "output_blocks")) for n in tiny)
+
+
+def test_long_captions_are_reported(tiny_single, tmp_path, capsys):
+    from pathlib import Path
+    cfg = quick_config(tiny_single, tmp_path, steps=1, quiet=False, template="subject_filewords")
+    first = sorted(Path(cfg.data).glob("*.png"))[0]
+    first.with_suffix(".txt").write_text("cat " * 120)
+    assert train(cfg).status == "completed"
+    assert "1 caption(s) make prompts longer than 75 tokens" in capsys.readouterr().err

@@ -253,6 +253,9 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         torch.cuda.empty_cache()
     order = BatchOrder([tuple(it.size) for it in items], cfg.batch_size, seed)
     ptok = PromptTokenizer(model.tokenizer, {name: n_vec})
+    long = sum(ptok.n_chunks(max((ln.replace("[filewords]", it.caption) for ln in lines), key=len)) > 1 for it in items)
+    if long:
+        say(f"ti-fast: {long} caption(s) make prompts longer than 75 tokens; training cuts them there")
 
     # ---- 5. optimizer, step, resume
     optimizer = _make_optimizer(cfg.optimizer, [vectors], sched.rate(start_step))
