@@ -55,6 +55,8 @@ class PromptTokenizer:
 
     def _ids(self, text: str) -> list[int]:
         if text not in self._cache:
+            if len(self._cache) >= 8192:         # shuffled/dropped tags make prompts unique: stay bounded
+                self._cache.clear()
             self._cache[text] = self.tok(text, add_special_tokens=False, truncation=False)["input_ids"]
         return self._cache[text]
 
