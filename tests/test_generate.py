@@ -37,6 +37,13 @@ def test_cli_generate_writes_pngs_with_infotext(tiny_single, tmp_path):
     assert p["TI hashes"].startswith("zzq: ") and len(p["TI hashes"]) == len("zzq: ") + 12
 
 
+def test_schedule_labels():
+    from ti_fast.sample.samplers import schedule_label
+    assert schedule_label("dpmpp_2m", None) == "Karras" and schedule_label("dpmpp_2m", False) == "Uniform"
+    assert schedule_label("euler_a", None) == "Automatic" and schedule_label("euler", True) == "Karras"
+    assert schedule_label("ddim", None) == "Automatic"
+
+
 def test_seeds_are_per_image(model, tmp_path):
     kw = dict(model="unused", prompt="a cat", steps=3, width=64, height=64, device="cpu", quiet=True)
     two = generate(GenerateConfig(seed=10, batch=2, out=str(tmp_path / "a"), **kw), model=model)

@@ -303,7 +303,7 @@ def test_registry_and_make_sigmas():
     assert torch.equal(make_sigmas("dpmpp_2m", 20, False, den), auto)
     assert [schedule_label(n, k) for n, k in [("euler_a", None), ("dpmpp_2m", None), ("euler", True),
                                               ("dpmpp_2m", False), ("ddim", None)]] == \
-        ["Automatic", "Karras", "Karras", "Automatic", "Automatic"]
+        ["Automatic", "Karras", "Karras", "Uniform", "Automatic"]
     with pytest.raises(ValueError):
         make_sigmas("ddim", 20, True, den)
     with pytest.raises(ValueError, match="unknown sampler"):

@@ -71,7 +71,10 @@ def test_previews_do_not_disturb_training(tiny_single, tmp_path):
     info = Image.open(imgs / "tok-2.png").text["parameters"]
     assert "Steps: 3" in info and "Sampler: Euler a" in info
     from ti_fast.embeddings import read_embedding
-    e = read_embedding(b.log_dir / "image_embeddings" / "tok-4.png")
+    assert "Steps: 3" in Image.open(imgs / "tok-grid.png").text["parameters"]
+    emb_png = b.log_dir / "image_embeddings" / "tok-4.png"
+    assert "Sampler: Euler a" in Image.open(emb_png).text["parameters"]
+    e = read_embedding(emb_png)
     assert e.name == "tok" and e.step == 4 and torch.equal(e.vectors, vb)
 
 

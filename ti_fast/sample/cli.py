@@ -13,6 +13,7 @@ def add_generate_parser(sub):
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
     g.add_argument("--sampler", choices=list(SAMPLERS), default="euler_a", help="sampler (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")
+    g.add_argument("--no-karras", dest="karras", action="store_false", help="the sampler's uniform schedule, also for dpmpp_2m")
     g.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     g.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default: 7)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i gets seed+i (default: random)")

@@ -168,9 +168,14 @@ def make_sigmas(sampler_name: str, steps: int, karras: bool | None, denoiser,
 
 def schedule_label(sampler_name: str, karras: bool | None) -> str:
     """A1111 1.10 infotext "Schedule type": "Karras" when Karras sigmas are used (also by
-    DPM++ 2M's default), else "Automatic"."""
+    DPM++ 2M's default); "Uniform" when a Karras-by-default sampler is switched to the model's
+    own discrete schedule; else "Automatic"."""
     info = _info(sampler_name)
-    return "Karras" if info.default_schedule != "ddim" and _use_karras(info, karras) else "Automatic"
+    if info.default_schedule == "ddim":
+        return "Automatic"
+    if _use_karras(info, karras):
+        return "Karras"
+    return "Uniform" if info.default_schedule == "karras" else "Automatic"
 
 
 def start_sigma(sampler_name: str, sigmas: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from ..fsutil import atomic_path
 
 
 class Previewer:
@@ -40,24 +39,26 @@ class Previewer:
                                 clip_skip=cfg.clip_skip, c_concat=self.c_concat, decode_device=self.device)
         m.unet.train(was)
         img = to_pil(imgs)[0]
+        # every PNG written here carries the preview's infotext, as A1111's images do
+        info = make_infotext(self.prompt, cfg.preview_negative, steps=cfg.preview_steps,
+                             sampler=S.SAMPLERS[cfg.preview_sampler].label,
+                             schedule_type=S.schedule_label(cfg.preview_sampler, None), cfg_scale=cfg.preview_cfg,
+                             seed=cfg.preview_seed, width=cfg.width, height=cfg.height,
+                             model_hash=m.info.hash, model_name=m.info.name, clip_skip=cfg.clip_skip,
+                             ti_hashes=None, version=VERSION)
         path = None
         if cfg.preview_every and step % cfg.preview_every == 0:
-            info = make_infotext(self.prompt, cfg.preview_negative, steps=cfg.preview_steps,
-                                 sampler=S.SAMPLERS[cfg.preview_sampler].label,
-                                 schedule_type=S.schedule_label(cfg.preview_sampler, None), cfg_scale=cfg.preview_cfg,
-                                 seed=cfg.preview_seed, width=cfg.width, height=cfg.height,
-                                 model_hash=m.info.hash, model_name=m.info.name, clip_skip=cfg.clip_skip,
-                                 ti_hashes=None, version=VERSION)
             path = self.images_dir / f"{self.name}-{step}.png"
             write_png_with_infotext(img, path, info)
             self.tiles.append((step, img))
-            self.write_grid()
+            self.write_grid(info)
         if cfg.png_embed:
-            from ..embeddings.png import save_png_embedding
-            save_png_embedding(emb, self.embed_dir / f"{self.name}-{step}.png", preview=img)
+            from ..embeddings.png import embedding_to_png, embedding_chunk_text, CHUNK_KEY
+            write_png_with_infotext(embedding_to_png(emb, img), self.embed_dir / f"{self.name}-{step}.png", info,
+                                    extra_chunks={CHUNK_KEY: embedding_chunk_text(emb)})
         return path
 
-    def write_grid(self) -> Path:
+    def write_grid(self, infotext: str) -> Path:
         """images/NAME-grid.png: every preview so far, in step order, labelled with its step."""
         from PIL import Image, ImageDraw
         n = len(self.tiles)
@@ -70,7 +71,5 @@ class Previewer:
             x, y = (i % cols) * w, (i // cols) * (h + 14)
             grid.paste(img, (x, y + 14))
             d.text((x + 2, y + 1), f"step {step}", fill="black")
-        path = self.images_dir / f"{self.name}-grid.png"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")
-        return path
+        from ..sample.infotext import write_png_with_infotext
+        return write_png_with_infotext(grid, self.images_dir / f"{self.name}-grid.png", infotext)
