@@ -249,3 +249,13 @@ def test_diffusers_state_dict_loader_accepts_our_files(tmp_path):
         tokens, vecs = ti.TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([token], dicts, Vocab())
         assert tokens == ["tok"]
         assert torch.equal(vecs[0], emb.vectors)
+
+
+def test_same_embedding_in_two_formats_loads_quietly(tmp_path):
+    from ti_fast.embeddings import Embedding, save_pt, save_safetensors, load_library
+    e = Embedding(name="twin", vectors=torch.randn(2, 768))
+    save_pt(e, tmp_path / "twin.pt")
+    save_safetensors(e, tmp_path / "twin.safetensors")
+    said = []
+    lib = load_library([tmp_path], warn=said.append)
+    assert list(lib) == ["twin"] and said == []

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from ti_fast.embeddings.formats import Embedding, EmbeddingError, _error, read_tensor_file
 from ti_fast.embeddings.png import read_png_embedding
 
@@ -86,6 +88,8 @@ def load_library(paths, width: int = 768, warn: Callable[[str], None] = print) -
                 warn(f"embeddings: skipped {e}")
                 continue
             if emb.name in found:
+                if torch.equal(found[emb.name].vectors, emb.vectors):
+                    continue  # the same embedding in another format (ti-fast writes NAME.pt + NAME.safetensors)
                 warn(f"embeddings: {path}: trigger word {emb.name!r} already loaded from "
                      f"{found[emb.name].path}, skipped")
                 continue
