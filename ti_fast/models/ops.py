@@ -63,6 +63,12 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
     k = _triton_for(x)
     if k is not None:
         return k[0].group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        # CUDA's GroupNorm already accumulates statistics and the affine in fp32 for half inputs;
+        # an explicit x.float() would add two casts and make autograd keep an fp32 copy of x
+        # (twice the activation memory of every GroupNorm input).
+        y = F.group_norm(x, norm.num_groups, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+        return F.silu(y) if silu else y
     y = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
     if silu:
         y = F.silu(y)
