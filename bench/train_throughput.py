@@ -45,13 +45,10 @@ from ti_fast.training.step import TrainStep, MicroBatch
 from ti_fast.training.lowvram import checkpoint_blocks
 from ti_fast.training.offload import Offloader
 from ti_fast.training.accel import ChannelsLast, compile_unet
+from ti_fast.loading.tiny import TINY_UNET, TINY_CLIP, TINY_VAE   # the --tiny shapes: make-tiny's
 
 from . import common as C
 
-TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(True, False),
-                       num_heads=2, context_dim=32, norm_groups=8)
-TINY_CLIP = CLIPConfig(vocab_size=1000, width=32, layers=3, heads=4, mlp=64)
-TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=2, norm_groups=8)   # /8 like SD's
 LOW_VRAM_CAP, OFFLOAD_CAP, FULL_CAPS = 3.0, 2.0, (4.0, 6.0, 8.0)
 LR = 5e-3
 
