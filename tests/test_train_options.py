@@ -93,3 +93,12 @@ def test_value_clip_bounds_each_component(tiny_single):
     before = v.detach().clone()
     step([mb])
     assert torch.equal(v.detach(), before)
+
+
+def test_emphasised_captions_train(tiny_single, tmp_path):
+    cfg = quick_config(tiny_single, tmp_path, steps=3, template="subject_filewords")
+    from pathlib import Path
+    for p in Path(cfg.data).glob("*.png"):
+        p.with_suffix(".txt").write_text("(orange ring:1.3), [background]")
+    res = train(cfg)
+    assert res.status == "completed" and torch.isfinite(_vec(res)).all()

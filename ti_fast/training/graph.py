@@ -42,7 +42,7 @@ import torch
 
 from .step import MicroBatch, TrainStep
 
-FIELDS = tuple(f.name for f in fields(MicroBatch))   # latents, input_ids, vector_index, latent_std, weight, c_concat
+FIELDS = tuple(f.name for f in fields(MicroBatch))   # latents, input_ids, vector_index, latent_std, weight, c_concat, token_weight
 CAPTURABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
 
 

@@ -461,6 +461,7 @@ def _micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg,
     size = tuple(items[batch[0]].size)
     cc = concat.get(size)
     return MicroBatch(latents=torch.stack(lat), input_ids=tok.input_ids.to(device), vector_index=tok.vector_index.to(device),
+                      token_weight=tok.weights.to(device) if tok.weighted else None,
                       latent_std=torch.stack(std) if std else None,
                       weight=torch.stack(wts) if wts else None,
                       c_concat=cc.expand(len(batch), -1, -1, -1) if cc is not None else None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..prompt import emphasize
 from ..sample.schedule import alphas_cumprod as _alphas_cumprod
 
 
@@ -25,11 +26,14 @@ class MicroBatch:
     latent_std: torch.Tensor | None = None  # [B, 4, h, w]: re-sample each step (--latents random)
     weight: torch.Tensor | None = None    # [B, 1, h, w] per-pixel loss weight (alpha)
     c_concat: torch.Tensor | None = None  # [B, 5, h, w] inpainting conditioning (mask + grey latent)
+    token_weight: torch.Tensor | None = None  # [B, 77] prompt emphasis, "(word:1.2)" (None: all 1)
 
 
 def ti_loss(unet, text_encoder, vectors, mb: MicroBatch, noise, t, sqrt_a, sqrt_1ma, clip_skip: int = 1):
     """Forward of one micro-batch. noise [B,4,h,w], t [B] long, sqrt_a/sqrt_1ma [1000] fp32."""
     ctx = text_encoder(mb.input_ids, clip_skip=clip_skip, vectors=vectors, vector_index=mb.vector_index)
+    if mb.token_weight is not None:
+        ctx = emphasize(ctx, mb.token_weight)
     x0 = mb.latents.float()
     if mb.latent_std is not None:
         # noise carries 8 channels here: 4 for the latent sample, 4 for the diffusion noise
