@@ -19,8 +19,7 @@ import sys
 
 import torch
 
-from bench.bench_group_norm_silu import DTYPES, format_table, graph_ms, num
-from bench.common import environment, time_fn
+from bench.common import DTYPES, TIMING_COLUMNS, environment, format_kernel_table, graph_ms, num, time_fn
 
 OP = "geglu"
 SHAPES = [(4, 4096, 1280), (4, 1024, 2560), (4, 256, 5120)]  # [B, tokens, F]: h is [B, T, 2F]
@@ -29,11 +28,7 @@ COLUMNS = (
     ("B x tokens x F", 16, lambda r: "x".join(map(str, r["shape"]))),
     ("dtype", 8, lambda r: r["dtype"]),
     ("impl", 6, lambda r: r["impl"]),
-    ("fwd ms", 8, lambda r: num(r.get("fwd_ms"), ".4f")),
-    ("f+b ms", 8, lambda r: num(r.get("fwd_bwd_ms"), ".4f")),
-    ("graph fwd", 9, lambda r: num(r.get("fwd_graph_ms"), ".4f")),
-    ("graph f+b", 9, lambda r: num(r.get("fwd_bwd_graph_ms"), ".4f")),
-    ("fwd GB/s", 8, lambda r: num(r.get("fwd_GBps"), ".0f")),
+) + TIMING_COLUMNS + (
     ("vs torch", 8, lambda r: num(r.get("speedup_fwd_bwd_graph_ms")
                                   or r.get("speedup_fwd_bwd_ms"), ".2f")),
     ("max diff", 8, lambda r: num(r.get("max_abs_diff_vs_fp32"), ".1e")),
@@ -97,7 +92,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     rows = run(dtypes=a.dtypes.split(","), iters=a.iters)
-    print(format_table(rows, COLUMNS, n_text=3))
+    print(format_kernel_table(rows, COLUMNS, n_text=3))
     print(json.dumps({"bench": OP, "env": environment(torch.device("cuda")), "rows": rows}))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

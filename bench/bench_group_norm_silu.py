@@ -22,33 +22,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, time_fn
+from bench.common import DTYPES, TIMING_COLUMNS, environment, format_kernel_table, graph_ms, num, time_fn
 
 OP = "group_norm_silu"
 GROUPS, EPS = 32, 1e-5
 SHAPES = [(4, 320, 64, 64), (4, 640, 32, 32), (4, 1280, 16, 16)]  # [B, C, H, W]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = ("nchw", "nhwc")
-
-
-def graph_ms(fn, device, warmup: int, iters: int, tag: str = OP) -> float | None:
-    """ms per replay of fn captured in a CUDA graph; None when capture fails (or on CPU)."""
-    if device.type != "cuda":
-        return None
-    try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm up (allocations, autotune, compiles) off-graph
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_fn(graph.replay, device, warmup=warmup, iters=iters)
-    except Exception as e:  # report, keep benchmarking
-        print(f"bench_{tag}: CUDA graph capture failed ({type(e).__name__}: {e})", file=sys.stderr)
-        return None
 
 
 def _cuda_device() -> torch.device:
@@ -99,8 +78,8 @@ def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 1
                         r["max_abs_diff_vs_torch_fp32"] = (f(x).float() - ref).abs().max().item()
                         r["fwd_ms"] = time_fn(fwd, device, warmup=warmup, iters=iters)
                         r["fwd_bwd_ms"] = time_fn(fwd_bwd, device, warmup=warmup, iters=iters)
-                        r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters)
-                        r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters)
+                        r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters, tag=OP)
+                        r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters, tag=OP)
                         ms = r["fwd_graph_ms"] or r["fwd_ms"]
                         r["fwd_GBps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
                     except Exception as e:
@@ -120,31 +99,17 @@ COLUMNS = (  # title, width, row -> cell
     ("dtype", 8, lambda r: r["dtype"]),
     ("layout", 6, lambda r: r["layout"]),
     ("impl", 12, lambda r: r["impl"]),
-    ("fwd ms", 8, lambda r: num(r.get("fwd_ms"), ".4f")),
-    ("f+b ms", 8, lambda r: num(r.get("fwd_bwd_ms"), ".4f")),
-    ("graph fwd", 9, lambda r: num(r.get("fwd_graph_ms"), ".4f")),
-    ("graph f+b", 9, lambda r: num(r.get("fwd_bwd_graph_ms"), ".4f")),
-    ("fwd GB/s", 8, lambda r: num(r.get("fwd_GBps"), ".0f")),
+) + TIMING_COLUMNS + (
     ("vs fp32 path", 12, lambda r: num(r.get("speedup_fwd_bwd_graph_ms")
                                         or r.get("speedup_fwd_bwd_ms"), ".2f")),
     ("max diff", 8, lambda r: num(r.get("max_abs_diff_vs_torch_fp32"), ".1e")),
 )
 
 
-def num(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def format_table(rows: list[dict], columns=COLUMNS, n_text: int = 4) -> str:
-    """Markdown table, the first n_text columns left-aligned. 'vs fp32 path' = torch_fp32 time
-    / this time, forward+backward, from the CUDA-graph replay when captured."""
-    line = lambda cells: "| " + " | ".join(  # noqa: E731
-        c.ljust(w) if i < n_text else c.rjust(w)
-        for i, (c, (_, w, _)) in enumerate(zip(cells, columns)))
-    out = [line([t for t, _, _ in columns]) + " | status",
-           "|" + "|".join("-" * (w + 2) for _, w, _ in columns) + "|---"]
-    out += [line([get(r) for _, _, get in columns]) + " | " + r["status"] for r in rows]
-    return "\n".join(out)
+    """This bench's table: 'vs fp32 path' = torch_fp32 time / this time, forward+backward, from
+    the CUDA-graph replay when captured."""
+    return format_kernel_table(rows, columns, n_text)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -305,3 +306,53 @@ def jsonable(v):
     if isinstance(v, (torch.dtype, torch.device, Path)):
         return str(v)
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+# ----------------------------------------------------------------------------- kernel benches
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+TIMING_COLUMNS = (  # title, width, row -> cell: what every kernel bench times
+    ("fwd ms", 8, lambda r: num(r.get("fwd_ms"), ".4f")),
+    ("f+b ms", 8, lambda r: num(r.get("fwd_bwd_ms"), ".4f")),
+    ("graph fwd", 9, lambda r: num(r.get("fwd_graph_ms"), ".4f")),
+    ("graph f+b", 9, lambda r: num(r.get("fwd_bwd_graph_ms"), ".4f")),
+    ("fwd GB/s", 8, lambda r: num(r.get("fwd_GBps"), ".0f")),
+)
+
+
+def graph_ms(fn, device, warmup: int, iters: int, tag: str = "kernel") -> float | None:
+    """ms per replay of fn captured in a CUDA graph; None when capture fails (or on CPU)."""
+    if device.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up (allocations, autotune, compiles) off-graph
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_fn(graph.replay, device, warmup=warmup, iters=iters)
+    except Exception as e:  # report, keep benchmarking
+        print(f"bench_{tag}: CUDA graph capture failed ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def format_kernel_table(rows: list[dict], columns, n_text: int = 4) -> str:
+    """Markdown table, the first n_text columns left-aligned. 'vs fp32 path' = torch_fp32 time
+    / this time, forward+backward, from the CUDA-graph replay when captured."""
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        c.ljust(w) if i < n_text else c.rjust(w)
+        for i, (c, (_, w, _)) in enumerate(zip(cells, columns)))
+    out = [line([t for t, _, _ in columns]) + " | status",
+           "|" + "|".join("-" * (w + 2) for _, w, _ in columns) + "|---"]
+    out += [line([get(r) for _, _, get in columns]) + " | " + r["status"] for r in rows]
+    return "\n".join(out)

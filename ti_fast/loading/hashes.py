@@ -27,6 +27,11 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path) -> str:
+    """Full sha256 hex of a file, uncached (image contents for the latent cache's keys)."""
+    return _sha256_files([Path(path)])
+
+
 def legacy_hash(path) -> str:
     """A1111's old model hash: sha256 of 0x10000 bytes at 0x100000, 8 hex."""
     with open(path, "rb") as f:

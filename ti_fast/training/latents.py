@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..fsutil import atomic_path
+from ..loading.hashes import sha256_file
 from ..models.vae import LATENT_SCALE
 
 
@@ -27,17 +28,9 @@ class CachedLatent:
     std: torch.Tensor | None      # [F, 4, h, w] scaled, --latents random only
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_key(image_path: Path, vae_hash: str, size, resize: str, flip: bool, mode: str, seed: int) -> str:
     # "once" samples the posterior: the seed decides the sample, so it is part of the key.
-    meta = json.dumps([_file_digest(image_path), vae_hash, list(size), resize, bool(flip), mode,
+    meta = json.dumps([sha256_file(image_path), vae_hash, list(size), resize, bool(flip), mode,
                        seed if mode == "once" else None])
     return hashlib.sha256(meta.encode()).hexdigest()[:32]
 

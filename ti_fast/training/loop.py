@@ -23,6 +23,7 @@ from . import config as C
 from .config import TrainConfig, ConfigError, NonFiniteLossError, OutOfMemoryError
 from .outputs import LossLog, plot_loss, write_settings, save_state, load_state
 from .step import TrainStep, MicroBatch, LossScaler
+from .templates import load_template, draw_prompt, render_prompt   # not re-imported per step
 
 
 @dataclass
@@ -113,7 +114,6 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     """Run one training job. Raises ConfigError (bad settings, before loading anything),
     NonFiniteLossError / OutOfMemoryError (after saving what was trained)."""
     from ..training.data import list_images, prepare_dataset, BatchOrder, DataError
-    from ..training.templates import load_template
     from ..training.lr import parse_schedule, ScheduleError
     from ..embeddings import Embedding, read_embedding, save_pt, save_safetensors, sanitize_name, init_vectors, EmbeddingError
     from ..loading import load_model
@@ -447,7 +447,6 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
 
 
 def _micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg, rng, device) -> MicroBatch:
-    from ..training.templates import draw_prompt
     lat, std, wts, prompts = [], [], [], []
     for i in batch:
         f = rng.randrange(2) if cfg.flip else 0    # which cached orientation
@@ -476,7 +475,6 @@ def _latent_weight(item, down, flip, device):
 
 
 def _first_prompt(lines, name, items):
-    from ..training.templates import render_prompt
     return render_prompt(lines[0], name, items[0].caption, rng=random.Random(0))
 
 
