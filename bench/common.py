@@ -33,6 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- facts
 
 def git_commit() -> str:
+    """HEAD here; on the device machine (a copy of the tree without .git) the caller passes it in
+    TI_FAST_COMMIT (scripts/gpu_check.sh)."""
+    if os.environ.get("TI_FAST_COMMIT"):
+        return os.environ["TI_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
