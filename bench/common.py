@@ -205,16 +205,20 @@ class MemoryCap:
     def __init__(self, device: torch.device, gib: float | None):
         self.device, self.gib = device, gib
 
+    def _index(self) -> int:
+        # set_per_process_memory_fraction refuses a torch.device without an index ("cuda")
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
     def __enter__(self):
         if self.gib is not None and self.device.type == "cuda":
             free_memory(self.device)
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.gib * GIB / total), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.gib * GIB / total), self._index())
         return self
 
     def __exit__(self, *exc):
         if self.gib is not None and self.device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, self._index())
             free_memory(self.device)
         return False
 

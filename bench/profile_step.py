@@ -1,5 +1,6 @@
-"""Where one training step's GPU time goes: torch.profiler over ti-fast's eager step, kernels
-grouped by kind, and how much of the step the GPU is busy (busy < wall: launch-bound).
+"""Where one training step's GPU time goes: torch.profiler over ti-fast's step as the trainer
+runs it on CUDA (channels_last, Triton kernels), eager and then replayed from a CUDA graph,
+kernels grouped by kind, and how much of the step the GPU is busy (busy < wall: launch-bound).
 
     python -m bench.profile_step            # SD1.5 at 512 px, batch 8 and 1, on the GPU
     python -m bench.profile_step --tiny     # tiny models on the CPU: checks the script
@@ -38,8 +39,8 @@ def kind(name: str) -> str:
     return "elementwise/other"
 
 
-def profile_batch(plan: Plan, models: TiFastModels, b: int, steps: int = 3) -> dict:
-    fn, finish = ti_step(models, plan, b, "eager")
+def profile_batch(plan: Plan, models: TiFastModels, b: int, mode: str = "eager", steps: int = 3) -> dict:
+    fn, finish = ti_step(models, plan, b, mode, channels_last=plan.device.type == "cuda")
     try:
         for _ in range(3):
             fn()
@@ -67,14 +68,14 @@ def profile_batch(plan: Plan, models: TiFastModels, b: int, steps: int = 3) -> d
         by_kind[kind(name)] += ms
     busy = sum(by_kind.values())
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:20]
-    return {"batch": b, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy,
+    return {"batch": b, "mode": mode, "wall_ms_per_step": wall_ms, "busy_ms_per_step": busy,
             "kernels_per_step": sum(n for _, n in per_kernel.values()) / steps,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:120], "ms": ms, "calls_per_step": c / steps} for n, (ms, c) in top]}
 
 
 def format_profile(r: dict) -> str:
-    lines = [f"batch {r['batch']}: wall {r['wall_ms_per_step']:.2f} ms/step (under the profiler), "
+    lines = [f"{r['mode']} batch {r['batch']}: wall {r['wall_ms_per_step']:.2f} ms/step (under the profiler), "
              f"GPU busy {r['busy_ms_per_step']:.2f} ms, {r['kernels_per_step']:.0f} kernels/step"]
     for k, ms in r["by_kind_ms"].items():
         lines.append(f"  {k:<18} {ms:8.2f} ms  {100 * ms / max(r['busy_ms_per_step'], 1e-9):5.1f}%")
@@ -94,14 +95,16 @@ def main(argv=None) -> int:
     kernels = ops.set_kernels("auto", verbose=False) if plan.device.type == "cuda" else "torch"
     models = TiFastModels(plan)
     out = {"env": C.environment(plan.device), "kernels": kernels, "attention": models.attention, "profiles": []}
-    for b in sorted(plan.batches, reverse=True):
-        try:
-            r = profile_batch(plan, models, b)
-            print(format_profile(r), flush=True)
-        except Exception as e:
-            r = {"batch": b, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
-            print(f"batch {b}: {r['status']}", flush=True)
-        out["profiles"].append(r)
+    modes = ("eager", "cuda-graph") if plan.device.type == "cuda" else ("eager",)
+    for mode in modes:
+        for b in sorted(plan.batches, reverse=True):
+            try:
+                r = profile_batch(plan, models, b, mode)
+                print(format_profile(r), flush=True)
+            except Exception as e:
+                r = {"batch": b, "mode": mode, "status": f"error: {type(e).__name__}: {str(e)[:300]}"}
+                print(f"{mode} batch {b}: {r['status']}", flush=True)
+            out["profiles"].append(r)
     print(json.dumps(C.clean(out), default=C.jsonable))
     return 0
 

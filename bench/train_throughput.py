@@ -111,10 +111,13 @@ def micro_batch(plan: Plan, te: CLIPTextEncoder, b: int, seed: int = 0) -> Micro
     return MicroBatch(latents=lat, input_ids=ids, vector_index=vidx)
 
 
-def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: bool = False):
+def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: bool = False,
+            sdpa: str | None = None):
     """(fn, finish) for one ti-fast row. fn = one optimizer step as the trainer issues it (lr
     written into param_groups, then the step); finish() puts the shared models back as they were
-    (measure calls it after a failure too) and returns the last loss and finite flag."""
+    (measure calls it after a failure too) and returns the last loss and finite flag.
+    sdpa: force one of PyTorch's SDPA kernels ("flash", "efficient", "cudnn") for every call of
+    fn — with a CUDA graph the choice made at capture is what replays."""
     unet = models.unet
     unet.set_gradient_checkpointing(mode == "low-vram", checkpoint_blocks(unet) if mode == "low-vram" else None)
     nhwc = ChannelsLast(unet).attach() if channels_last else None
@@ -152,11 +155,22 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
         raise
     last = {"steps": 0}
 
-    def fn():
+    def run():
         for g in opt.param_groups:
             g["lr"] = LR
         last["out"] = step(mb)
         last["steps"] += 1
+
+    if sdpa is None:
+        fn = run
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION}[sdpa]
+
+        def fn():
+            with sdpa_kernel([backend]):
+                run()
 
     def finish():
         extra = {}
@@ -225,29 +239,48 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
     attention = models.attention
     rows = []
     batches = sorted(set(plan.batches) | ({4} if plan.full and not plan.tiny else set()))
+    # The trainer's defaults on CUDA: graph + channels_last + Triton kernels (ops "auto"). Set here
+    # explicitly: run_startup's train() call set the process-wide choice from its own config.
+    kernels = ops.set_kernels("auto", verbose=False) if cuda else "torch"
     for b in batches:
         rows.append(measure(plan, "ti-fast eager", "ti-fast", "eager", b, lambda: ti_step(models, plan, b, "eager")))
-        if cuda and ops.active() == "triton":
-            # the same step with PyTorch's GroupNorm/GEGLU: does each Triton kernel earn its place?
-            ops.set_kernels("torch", verbose=False)
-            rows.append(measure(plan, "ti-fast eager (torch ops)", "ti-fast", "eager", b,
-                                lambda: ti_step(models, plan, b, "eager")))
-            ops.set_kernels("triton", verbose=False)
     for b in batches:
         for nhwc in (False, True):
-            name = "ti-fast cuda-graph" + (" + channels_last" if nhwc else "")
+            name = "ti-fast cuda-graph" + (" + channels_last" if nhwc else "") + (" (default)" if nhwc else "")
             if cuda:
                 r = measure(plan, name, "ti-fast", "cuda-graph", b,
                             lambda: ti_step(models, plan, b, "cuda-graph", channels_last=nhwc))
-                rows.append(dict(r, channels_last=nhwc))
+                rows.append(dict(r, channels_last=nhwc, kernels=kernels))
             else:
                 rows.append(C.row(name, "ti-fast", "cuda-graph", b, status="skipped: needs CUDA",
                                   channels_last=nhwc))
-    rows.append(measure(plan, f"ti-fast low-vram (cap {LOW_VRAM_CAP:g} GiB)", "ti-fast", "low-vram", 1,
-                        lambda: ti_step(models, plan, 1, "low-vram"), cap=LOW_VRAM_CAP if cuda else None))
+    if cuda and kernels == "triton":
+        # the default with PyTorch's GroupNorm/SiLU/GEGLU instead: does each Triton kernel earn its place?
+        ops.set_kernels("torch", verbose=False)
+        for b in batches:
+            r = measure(plan, "ti-fast cuda-graph + channels_last, torch ops", "ti-fast", "cuda-graph", b,
+                        lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True))
+            rows.append(dict(r, channels_last=True, kernels="torch"))
+        ops.set_kernels("auto", verbose=False)
+    if cuda:
+        # attention is the largest single kernel family: which SDPA kernel serves head dim 40-160 best
+        for sdpa in ("flash", "efficient", "cudnn"):
+            b = max(batches)
+            r = measure(plan, f"ti-fast cuda-graph + channels_last, SDPA {sdpa}", "ti-fast", "cuda-graph", b,
+                        lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True, sdpa=sdpa))
+            rows.append(dict(r, channels_last=True, kernels=kernels, sdpa=sdpa))
+    # low-VRAM as the trainer runs it (eager, NHWC on CUDA), and NCHW for comparison
+    for nhwc in ((True, False) if cuda else (False,)):
+        r = measure(plan, f"ti-fast low-vram{' + channels_last' if nhwc else ''} (cap {LOW_VRAM_CAP:g} GiB)",
+                    "ti-fast", "low-vram", 1, lambda: ti_step(models, plan, 1, "low-vram", channels_last=nhwc),
+                    cap=LOW_VRAM_CAP if cuda else None)
+        rows.append(dict(r, channels_last=nhwc))
     # runs on the CPU too (--tiny): the offloader's hooks and copies work there, without streams
-    rows.append(measure(plan, f"ti-fast offload (cap {OFFLOAD_CAP:g} GiB)", "ti-fast", "offload", 1,
-                        lambda: ti_step(models, plan, 1, "offload"), cap=OFFLOAD_CAP if cuda else None))
+    for nhwc in ((True, False) if cuda else (False,)):
+        r = measure(plan, f"ti-fast offload{' + channels_last' if nhwc else ''} (cap {OFFLOAD_CAP:g} GiB)",
+                    "ti-fast", "offload", 1, lambda: ti_step(models, plan, 1, "offload", channels_last=nhwc),
+                    cap=OFFLOAD_CAP if cuda else None)
+        rows.append(dict(r, channels_last=nhwc))
     if plan.compile:
         for b in plan.batches:
             r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,

@@ -16,7 +16,7 @@ def table() -> str:
             rows.append(f"| **{sec}** | | |")
             section = sec
         d = defaults[name]
-        d = "off" if d is False else ("—" if d is None else f"`{d}`")
+        d = "off" if d is False else "on" if d is True else ("—" if d is None else f"`{d}`")
         rows.append(f"| `--{name.replace('_', '-')}` | {d} | {help_} |")
     rows += ["| `--no-half` | off | same as `--precision full` |",
              "| `--config FILE.toml` | — | settings from a TOML file (keys = flag names); flags override it |",

@@ -50,11 +50,12 @@ latest=$(tail -n 1 "$OUT/bench.log" | python3 -c "import json, sys; print(json.l
 [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
 
 stamp "profile of the eager step"
-timeout 60 python3 -m bench.profile_step > "$OUT/profile.log" 2>&1
-echo "profile exit $?"; grep -v '^{' "$OUT/profile.log" | grep -v USDT | tail -40
+timeout 90 python3 -m bench.profile_step > "$OUT/profile.log" 2>&1
+echo "profile exit $?"; grep -v '^{' "$OUT/profile.log" | grep -v USDT | tail -70
 
 stamp "pytest -m gpu"
-timeout 110 python3 -m pytest -q -m gpu -ra -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+# TI_FAST_GPU_TESTS: test paths to run instead of all (e.g. when the kernels are unchanged)
+timeout 110 python3 -m pytest -q -m gpu -ra -p no:cacheprovider ${TI_FAST_GPU_TESTS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
 echo "pytest exit ${PIPESTATUS[0]}"
 
 if [ -n "${TI_FAST_TINY_SMOKE:-}" ]; then   # the tiny shapes on the GPU: every CUDA path in ~30 s

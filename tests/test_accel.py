@@ -75,9 +75,13 @@ def _fwd_bwd_kw(unet, x, t, ctx):
     return y.detach(), ctx.grad.clone()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="channels_last applies on CUDA only")
 def test_train_channels_last_matches_plain(tiny_single, tmp_path):
-    a = train(quick_config(tiny_single, tmp_path / "a", steps=3))
-    b = train(quick_config(tiny_single, tmp_path / "b", steps=3, channels_last=True))
+    a = train(quick_config(tiny_single, tmp_path / "a", steps=3, device="cuda", precision="full",
+                           channels_last=False, cuda_graph=False))
+    b = train(quick_config(tiny_single, tmp_path / "b", steps=3, device="cuda", precision="full",
+                           channels_last=True, cuda_graph=False))
     assert b.status == "completed" and len(_losses(b)) == 3
     assert _losses(b) == pytest.approx(_losses(a), rel=1e-5)
 
@@ -102,6 +106,9 @@ def test_flags_parse():
     add_train_args(p)
     a = p.parse_args(["--offload", "--compile", "--channels-last"])
     assert a.offload and a.compile and a.channels_last
+    b = p.parse_args(["--no-channels-last", "--no-cuda-graph"])
+    assert b.channels_last is False and b.cuda_graph is False
+    assert not hasattr(p.parse_args([]), "cuda_graph")       # unset flags leave TrainConfig's default (on)
 
 
 @pytest.mark.slow

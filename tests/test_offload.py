@@ -115,6 +115,34 @@ def test_weights_on_device_only_while_their_block_runs(prefetch):
     off.detach()
 
 
+class _PoisonedHome(Offloader):
+    """A block that has left points its parameters at NaNs instead of the (equal) host buffer: any
+    kernel that still uses a parameter after its block left — as a CUDA backward would, reading a
+    host tensor — poisons the result. On the CPU this is how a use-after-leave becomes visible."""
+
+    def _leave(self, k):
+        if self.current != k:
+            return
+        super()._leave(k)
+        for slots in self.blocks[k].slots.values():
+            for s in slots:
+                s.param.data = torch.full(s.shape, float("nan"), dtype=s.param.dtype)
+
+
+def test_backward_uses_weights_only_while_their_block_is_loaded():
+    """The tensors a recompute saves for backward include the parameters themselves: a block must
+    stay loaded until its backward ran (the GPU run of 2026-11-26 failed exactly here)."""
+    unet = tiny_models(0)[0]
+    x, t, ctx = _inputs()
+    y0, g0 = _fwd_bwd(unet, x, t, ctx)
+    off = _PoisonedHome(unet, "cpu").attach()
+    for _ in range(2):
+        y1, g1 = _fwd_bwd(unet, x, t, ctx)
+        assert torch.equal(y1, y0) and torch.equal(g1, g0)
+        assert off.current is None                 # the last block left once ctx's gradient was done
+    off.detach()
+
+
 def test_early_stopped_recompute_still_leaves_the_block():
     """torch's checkpoint stops a recompute (by raising) after the last tensor backward needs.
     Give the block backward runs last a trailing child that saves nothing, so the stop happens in
@@ -196,12 +224,17 @@ def test_keeps_channels_last_weights():
 @pytest.mark.parametrize("kw, msg", [
     (dict(device="cpu"), "needs a CUDA device"),
     (dict(device="cuda", compile=True), "--compile"),
-    (dict(device="cuda", cuda_graph=True), "--cuda-graph"),
 ])
 def test_config_refuses_offload_combinations(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         validate(TrainConfig(name="x", data="d", offload=True, **kw))
     validate(TrainConfig(name="x", data="d", offload=False, **kw))
+
+
+def test_offload_with_the_default_cuda_graph_validates():
+    # the graph is on by default; with --offload the trainer runs the step eagerly instead
+    assert TrainConfig().cuda_graph
+    validate(TrainConfig(name="x", data="d", device="cuda", offload=True))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto resolves to CUDA here")

@@ -46,11 +46,13 @@ TRAIN_FLAGS = [
     ("optimisation", "clip_skip", "CLIP skip, A1111 numbering (1 = off)"),
     ("optimisation", "device", "auto (cuda if available, else cpu), cuda, cuda:1, cpu"),
     ("optimisation", "low_vram", "checkpoint the high-resolution blocks, VAE off the GPU (4-6 GB cards)"),
-    ("optimisation", "cuda_graph", "capture the static training step in a CUDA graph"),
+    ("optimisation", "cuda_graph", "CUDA: capture the static training step in a CUDA graph (eager with "
+     "--low-vram/--offload, fp16, adamw8bit); --no-cuda-graph turns it off"),
     ("optimisation", "kernels", "fused GroupNorm+SiLU / GEGLU: torch, auto (Triton if it runs), triton"),
     ("optimisation", "offload", "stream the UNet's blocks from pinned CPU memory (GPUs too small for its 1.7 GB)"),
     ("optimisation", "compile", "torch.compile the UNet (faster steps after minutes of compiling; time in settings)"),
-    ("optimisation", "channels_last", "UNet convs and activations in NHWC memory order"),
+    ("optimisation", "channels_last", "CUDA: UNet convs and activations in NHWC memory order; "
+     "--no-channels-last turns it off"),
     ("outputs", "out", "folder for NAME.pt and NAME.safetensors"),
     ("outputs", "log_dir", "log folder (None: ./ti-logs/NAME)"),
     ("outputs", "save_every", "save embeddings/NAME-STEP.pt and the resumable state every N steps (0 = end only)"),
@@ -82,7 +84,11 @@ def add_train_args(p: argparse.ArgumentParser):
         f = fields[name]
         default = f.default
         if f.type in ("bool", bool) or isinstance(default, bool):
-            g.add_argument(_flag(name), action="store_true", default=argparse.SUPPRESS, help=f"{help_} (off)")
+            if default:      # on by default: --X / --no-X
+                g.add_argument(_flag(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"{help_} (on)")
+            else:
+                g.add_argument(_flag(name), action="store_true", default=argparse.SUPPRESS, help=f"{help_} (off)")
             continue
         typ = {int: int, float: float}.get(type(default), str)
         if name in ("seed",):

@@ -189,7 +189,10 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(self, x, emb_silu, context, up_size=None):
         if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._run, x, emb_silu, context, up_size, use_reentrant=False)
+            # no RNG inside a block (dropout p=0, eval): skip saving/restoring RNG states, which a
+            # CUDA graph capture (the trainer's default step) must not do
+            return checkpoint(self._run, x, emb_silu, context, up_size, use_reentrant=False,
+                              preserve_rng_state=False)
         return self._run(x, emb_silu, context, up_size)
 
 

@@ -70,11 +70,12 @@ class TrainConfig:
     clip_skip: int = 1
     device: str = "auto"                 # auto = cuda if available, else cpu
     low_vram: bool = False               # checkpointing where it pays most, VAE off the GPU
-    cuda_graph: bool = False             # capture the static step in a CUDA graph
-    kernels: str = "torch"               # fused GroupNorm+SiLU / GEGLU: torch | auto | triton
+    cuda_graph: bool = True              # on CUDA: the static step captured in a CUDA graph (not with
+                                         # --low-vram/--offload, fp16 or adamw8bit: those run eagerly)
+    kernels: str = "auto"                # fused GroupNorm+SiLU / GEGLU: auto (Triton on CUDA) | torch | triton
     offload: bool = False                # UNet blocks stream from pinned host memory (weights > VRAM)
     compile: bool = False                # torch.compile the UNet (minutes of compilation first)
-    channels_last: bool = False          # UNet convs and activations in NHWC memory order
+    channels_last: bool = True           # on CUDA: UNet convs and activations in NHWC memory order
     # --- outputs
     out: str = "embeddings"
     log_dir: str | None = None           # default ./ti-logs/NAME
@@ -164,6 +165,4 @@ def validate(cfg: TrainConfig) -> None:
          "--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
     need(not (cfg.offload and cfg.compile), "--offload and --compile exclude each other "
          "(offload swaps the weights in Python hooks between blocks; a compiled UNet cannot follow)")
-    need(not (cfg.offload and cfg.cuda_graph), "--offload and --cuda-graph exclude each other "
-         "(a graph replays fixed weight addresses; offload moves the weights every step)")
     parse_clip_grad(cfg.clip_grad, cfg.steps)

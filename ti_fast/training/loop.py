@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         unet.set_gradient_checkpointing(True, None if cfg.gradient_checkpointing else checkpoint_blocks(
             unet, batch=cfg.batch_size, latent_hw=(cfg.height // 8, cfg.width // 8), elem_bytes=dtype.itemsize))
     from .accel import prepare_unet                # --channels-last, --offload, --compile (at the first step)
-    unet_step = prepare_unet(unet, device, channels_last=cfg.channels_last, offload=cfg.offload,
+    unet_step = prepare_unet(unet, device, channels_last=cfg.channels_last and device.type == "cuda", offload=cfg.offload,
                              compile=cfg.compile, say=say)
     width = te.config.width
 
@@ -272,9 +272,11 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
-    if cfg.cuda_graph:
+    if cfg.cuda_graph and device.type == "cuda" and not (cfg.offload or cfg.low_vram):
+        # (offload moves the weights every step, a graph replays fixed addresses; low-VRAM runs
+        # eagerly because the graph's private pool and static buffers cost memory it has not got)
         from .graph import maybe_graphed
-        step_fn = maybe_graphed(step_fn, say=say)   # bf16/fp32 + torch AdamW on CUDA; else one line, eager
+        step_fn = maybe_graphed(step_fn, say=say)   # bf16/fp32 + torch AdamW; else one line, eager
 
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "embeddings").mkdir(exist_ok=True)

@@ -30,9 +30,15 @@ the compute stream waits on that event before the block's first kernel. A copy d
 is waited for all the same, so the allocator never hands out memory a copy still writes.
 On a CPU device the same logic runs with plain clones and no streams (what the CPU tests see).
 
-Early stop. torch's non-reentrant checkpoint may stop a recompute (by raising inside it) once
-every tensor backward needs exists; the child hooks are registered with always_call=True, and a
-child that ends without a result leaves the block, so no block stays pointed at device memory.
+When a block leaves. In forward, after its last child (or a child that raised). In backward NOT
+at the end of its recompute: the tensors a recompute saves for the block's backward include the
+parameters themselves (the same TensorImpl whose `.data` we swap), so leaving there would point
+them back at host memory before the block's backward ran (on CUDA: a device mismatch). A
+recomputed block stays until the next block enters (autograd runs the later block's nodes
+first), and the last one leaves when the gradients of the UNet's inputs are complete (a
+multi-grad hook registered at the end of forward), else at the next forward or detach. torch's
+checkpoint may also stop a recompute early (by raising inside it) once every tensor backward
+needs exists; the child hooks are registered with always_call=True for that case.
 """
 from __future__ import annotations
 
@@ -226,15 +232,23 @@ class Offloader:
         if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
             self.direction = -1
             self._keep(range(n - 1, n - 1 - min(self.prefetch, n), -1))
+            needs_grad = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            if needs_grad:   # their gradients complete = every block's backward ran
+                torch.autograd.graph.register_multi_grad_hook(needs_grad, self._backward_done, mode="all")
         else:
             self._keep([])
+
+    def _backward_done(self, grads):
+        if self.current is not None:
+            self._leave(self.current)
+        self._keep([])
 
     def _pre(self, k, module, args):
         self._enter(k)
 
     def _post(self, k, last, module, args, result):
-        # result None: the child raised (checkpoint's early stop ends a recompute that way)
-        if last or result is None:
+        # forward only (see "When a block leaves"); result None: the child raised
+        if self.direction == 1 and (last or result is None):
             self._leave(k)
 
     # ------------------------------------------------------------------ the state machine
