@@ -10,13 +10,17 @@ Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset ju
 row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x samples/s / the bf16
 8192^3 matmul rate measured in this run; ratio to the peer at the same batch):
   ti-fast eager          TrainStep from ti_fast.training.step; UNet + text encoder bf16; cached
-                         latents (the VAE is absent, as after the trainer's caching)
+                         latents (the VAE is absent, as after the trainer's caching); Triton ops
   ti-fast cuda-graph     the same step through ti_fast.training.graph.GraphedStep
-  ... + channels_last    the graphed step with ti_fast.training.accel.ChannelsLast (NHWC convs)
-  ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), under a 3 GiB allocator cap
+  ... + channels_last    the graphed step with ti_fast.training.accel.ChannelsLast (NHWC convs):
+                         the trainer's default on CUDA
+  ..., torch ops         the default with PyTorch's GroupNorm/SiLU/GEGLU: what the Triton kernels buy
+  ..., SDPA K            (--full) the default with one SDPA kernel forced (flash/efficient/cudnn)
+  ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), NHWC, under a 3 GiB cap
   ti-fast offload        ti_fast.training.offload.Offloader: the UNet's blocks stream from pinned
-                         host memory, under a 2 GiB allocator cap (the UNet alone is 1.72 GB);
-                         its peak is reset after the resident weights left the device
+                         host memory, under a 2 GiB cap (the UNet alone is 1.72 GB). On CUDA these
+                         two run in a fresh child process each (expandable allocator segments, as
+                         the trainer sets for them), so the cap sees that row alone; --full adds NCHW
   ti-fast torch.compile  (--full/--compile) ti_fast.training.accel.compile_unet; compile_s = the
                          first step's time less one timed step
   ti-fast best under N   (--full) the fastest of eager/low-vram at batch 8/4/1 that fits N GiB
@@ -31,6 +35,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -216,8 +222,13 @@ def measure(plan: Plan, name: str, impl: str, mode: str, b: int, make, cap: floa
             r["first_step_s"] = time.perf_counter() - t0
             ms, n = C.time_steps(fn, plan.device, warmup=max(0, plan.warmup - 1), iters=plan.iters)
             r.update(ms_per_step=ms, steps_timed=n, peak_gib=C.peak_gib(plan.device))
+            if plan.device.type == "cuda":   # what the allocator held from the card (<= cap: it fits)
+                r["peak_reserved_gib"] = torch.cuda.max_memory_reserved(plan.device) / C.GIB
     except Exception as e:
         r["status"] = "oom" if C.is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+        if C.is_oom(e) and plan.device.type == "cuda":      # how far it got
+            r.update(peak_gib=C.peak_gib(plan.device),
+                     reserved_gib_at_oom=torch.cuda.memory_reserved(plan.device) / C.GIB)
     if finish is not None:
         try:
             out = finish()
@@ -262,25 +273,21 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
                         lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True))
             rows.append(dict(r, channels_last=True, kernels="torch"))
         ops.set_kernels("auto", verbose=False)
-    if cuda:
+    if cuda and plan.full:
         # attention is the largest single kernel family: which SDPA kernel serves head dim 40-160 best
+        # (H200, 2026-11-26, batch 8: cuDNN 44.7 ms/step, flash 53.0, efficient 80.3; auto picks cuDNN)
         for sdpa in ("flash", "efficient", "cudnn"):
             b = max(batches)
             r = measure(plan, f"ti-fast cuda-graph + channels_last, SDPA {sdpa}", "ti-fast", "cuda-graph", b,
                         lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True, sdpa=sdpa))
             rows.append(dict(r, channels_last=True, kernels=kernels, sdpa=sdpa))
-    # low-VRAM as the trainer runs it (eager, NHWC on CUDA), and NCHW for comparison
-    for nhwc in ((True, False) if cuda else (False,)):
-        r = measure(plan, f"ti-fast low-vram{' + channels_last' if nhwc else ''} (cap {LOW_VRAM_CAP:g} GiB)",
-                    "ti-fast", "low-vram", 1, lambda: ti_step(models, plan, 1, "low-vram", channels_last=nhwc),
-                    cap=LOW_VRAM_CAP if cuda else None)
-        rows.append(dict(r, channels_last=nhwc))
-    # runs on the CPU too (--tiny): the offloader's hooks and copies work there, without streams
-    for nhwc in ((True, False) if cuda else (False,)):
-        r = measure(plan, f"ti-fast offload{' + channels_last' if nhwc else ''} (cap {OFFLOAD_CAP:g} GiB)",
-                    "ti-fast", "offload", 1, lambda: ti_step(models, plan, 1, "offload", channels_last=nhwc),
-                    cap=OFFLOAD_CAP if cuda else None)
-        rows.append(dict(r, channels_last=nhwc))
+    # low-VRAM and offload as the trainer runs them (eager, NHWC on CUDA); --full adds NCHW.
+    # On CUDA each in a fresh process (capped_row): the cap must see only that row's memory, as
+    # a 3 GiB / 2 GiB card would, not what earlier rows left cached or pinned in this process.
+    for mode, cap in (("low-vram", LOW_VRAM_CAP), ("offload", OFFLOAD_CAP)):
+        for nhwc in (((True, False) if plan.full else (True,)) if cuda else (False,)):
+            rows.append(capped_row(plan, mode, nhwc, cap) if cuda else
+                        cap_row(plan, models, mode, nhwc, None, cap))
     if plan.compile:
         for b in plan.batches:
             r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,
@@ -302,6 +309,50 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
     del models
     C.free_memory(plan.device)
     return rows, flops, attention
+
+
+def cap_row(plan: Plan, models: TiFastModels, mode: str, nhwc: bool, cap: float | None, label_cap: float) -> dict:
+    """One low-vram/offload row in this process (runs on the CPU too, where nothing is capped:
+    the offloader's hooks and copies work there, without streams)."""
+    name = f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {label_cap:g} GiB)"
+    r = measure(plan, name, "ti-fast", mode, 1, lambda: ti_step(models, plan, 1, mode, channels_last=nhwc), cap=cap)
+    return dict(r, channels_last=nhwc)
+
+
+def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float) -> dict:
+    """cap_row in a child process (`--row MODE --cap GIB [--channels-last]`), which builds its own
+    models, switches the allocator to expandable segments as the trainer does for these modes,
+    and prints the row as its last line."""
+    cmd = [sys.executable, "-m", "bench.train_throughput", "--row", mode, "--cap", str(cap)]
+    cmd += (["--channels-last"] if nhwc else []) + (["--tiny", "--device", plan.device.type] if plan.tiny else [])
+    name = f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {cap:g} GiB)"
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=C.REPO, env=dict(os.environ))
+        last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode != 0 or not last:
+            raise RuntimeError(f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        r = json.loads(last[-1])
+    except Exception as e:
+        r = C.row(name, "ti-fast", mode, 1, cap_gib=cap, channels_last=nhwc,
+                  status=f"error: child: {type(e).__name__}: {str(e)[:300]}")
+    r["process"] = "child"
+    plan.say(f"bench: {name} (child process): {r['status']}"
+             + (f", {r['ms_per_step']:.1f} ms/step, peak {r.get('peak_gib') or 0:.2f} GiB" if r.get("ms_per_step") else ""))
+    return r
+
+
+def child_row(args) -> int:
+    """--row: one capped row in this (fresh) process; prints it as one JSON line."""
+    from ti_fast.training.lowvram import lean_allocator
+    plan = make_plan(argparse.Namespace(tiny=args.tiny, device=args.device, full=False, compile=False, quiet=True))
+    if plan.device.type == "cuda":
+        lean_allocator()
+    ops.set_kernels("auto", verbose=False)
+    models = TiFastModels(plan)
+    C.free_memory(plan.device)
+    r = cap_row(plan, models, args.row, args.channels_last, args.cap, args.cap)
+    print(json.dumps(C.clean(r), default=C.jsonable))
+    return 0
 
 
 def best_under_cap(plan: Plan, models: TiFastModels, cap: float) -> dict:
@@ -407,6 +458,10 @@ def summary(result: dict) -> str:
     lines.append(f"launch-to-first-step ({la.get('images')} images, {la.get('size')} px): "
                  f"{la.get('launch_to_first_step_s')} s issued, {_r(la.get('train_call_s'))} s whole train() call"
                  f" [{la.get('status')}]")
+    lw = s.get("launch_warm")
+    if lw:
+        lines.append(f"  again in a fresh process (Triton kernels cached on disk): {lw.get('launch_to_first_step_s')} s "
+                     f"issued, {_r(lw.get('process_s'))} s from interpreter start [{lw.get('status')}]")
     lr = s.get("load_rss", {})
     lines.append(f"checkpoint load: peak RssAnon growth {_r(lr.get('rss_anon_growth_gib'))} GiB for a "
                  f"{_r(lr.get('file_gib'))} GiB file, {_r(lr.get('load_s'))} s [{lr.get('status')}]")
@@ -439,7 +494,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes only with --out)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--row", choices=("low-vram", "offload"), help="(internal) one capped row in this process")
+    ap.add_argument("--cap", type=float, default=None, help="(with --row) allocator cap in GiB")
+    ap.add_argument("--channels-last", action="store_true", help="(with --row) NHWC")
     args = ap.parse_args(argv)
+    if args.row:
+        return child_row(args)
     plan = make_plan(args)
     result = run(plan)
     print(summary(result))

@@ -160,6 +160,9 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     state = load_state(state_path) if cfg.resume else None
     seed = int(state["seed"]) if state else (cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31))
     device = _device(cfg.device)
+    if device.type == "cuda" and (cfg.low_vram or cfg.offload):
+        from .lowvram import lean_allocator
+        lean_allocator()                           # before the weights arrive: no fragmented segments
     if cfg.offload and device.type != "cuda":
         raise ConfigError("--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
     dtype = resolve_precision(cfg.precision, device)
@@ -430,6 +433,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         stopper.restore()
         if bar is not None:
             bar.close()
+        if hasattr(step_fn, "reset"):
+            step_fn.reset()      # the captured graphs' memory pool returns now, not at garbage collection
 
     wall = time.perf_counter() - (t0 or time.perf_counter())
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -26,6 +26,21 @@ SD15_OTHER_MIB = 15.0            # outside the blocks (conv_in, out, time embedd
 DEFAULT_BUDGET_GIB = 0.45        # activations beside 1.6 GiB UNet + 0.23 GiB text encoder in < 2.3 GiB
 
 
+def lean_allocator() -> bool:
+    """Expandable segments for PyTorch's CUDA caching allocator (--low-vram, --offload): a freed
+    block can be reused by any later size instead of staying carved into fixed segments, so a
+    4-6 GB card loses little to fragmentation. Process-wide, and harmless to call twice; returns
+    whether it took effect (False on the CPU or a torch without the setting)."""
+    import torch
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _is_sd15(cfg) -> bool:
     return (cfg.model_channels, tuple(cfg.channel_mult), cfg.num_res_blocks) == (320, (1, 2, 4, 4), 2)
 
