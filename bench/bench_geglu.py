@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from bench.common import DTYPES, TIMING_COLUMNS, environment, format_kernel_table, graph_ms, num, time_fn
+from bench.common import DTYPES, TIMING_COLUMNS, add_speedups, environment, format_kernel_table, num, time_kernel
 
 OP = "geglu"
 SHAPES = [(4, 4096, 1280), (4, 1024, 2560), (4, 256, 5120)]  # [B, tokens, F]: h is [B, T, 2F]
@@ -63,21 +63,14 @@ def run(shapes=None, dtypes=None, iters: int = 50, warmup: int = 10, device=None
                      "status": "ok"}
                 try:
                     r["max_abs_diff_vs_fp32"] = (fn(h).float() - ref).abs().max().item()
-                    r["fwd_ms"] = time_fn(fwd, device, warmup=warmup, iters=iters)
-                    r["fwd_bwd_ms"] = time_fn(fwd_bwd, device, warmup=warmup, iters=iters)
-                    r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters, tag=OP)
-                    r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters, tag=OP)
+                    time_kernel(r, fwd, fwd_bwd, device, warmup, iters, tag=OP)
                     ms = r["fwd_graph_ms"] or r["fwd_ms"]
                     r["fwd_GBps"] = 3 * B * T * f * h.element_size() / (ms * 1e-3) / 1e9
                 except Exception as e:
                     r["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
                 rows.append(r)
             base = rows[-len(impls):]
-            torch_row = next(r for r in base if r["impl"] == "torch")
-            for r in base:
-                for k in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
-                    t, t0 = r.get(k), torch_row.get(k)
-                    r[f"speedup_{k}"] = t0 / t if t and t0 else None
+            add_speedups(base, next(r for r in base if r["impl"] == "torch"))
             del h, dy, hg, ref
     return rows
 

@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, TIMING_COLUMNS, environment, format_kernel_table, graph_ms, num, time_fn
+from bench.common import DTYPES, TIMING_COLUMNS, add_speedups, environment, format_kernel_table, num, time_kernel
 
 OP = "group_norm_silu"
 GROUPS, EPS = 32, 1e-5
@@ -76,20 +76,14 @@ def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 1
                          "layout": layout, "status": "ok"}
                     try:
                         r["max_abs_diff_vs_torch_fp32"] = (f(x).float() - ref).abs().max().item()
-                        r["fwd_ms"] = time_fn(fwd, device, warmup=warmup, iters=iters)
-                        r["fwd_bwd_ms"] = time_fn(fwd_bwd, device, warmup=warmup, iters=iters)
-                        r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters, tag=OP)
-                        r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters, tag=OP)
+                        time_kernel(r, fwd, fwd_bwd, device, warmup, iters, tag=OP)
                         ms = r["fwd_graph_ms"] or r["fwd_ms"]
                         r["fwd_GBps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
                     except Exception as e:
                         r["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
                     rows.append(r)
-                base = {r["impl"]: r for r in rows[-len(impls):]}
-                for r in rows[-len(impls):]:
-                    for k in ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms"):
-                        t, t0 = r.get(k), base["torch_fp32"].get(k)
-                        r[f"speedup_{k}"] = t0 / t if t and t0 else None
+                base = rows[-len(impls):]
+                add_speedups(base, next(r for r in base if r["impl"] == "torch_fp32"))
                 del x, dy, xg, ref
     return rows
 

@@ -44,6 +44,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+def json_from_child(cmd: list[str], timeout: float) -> dict:
+    """Run `cmd` (a fresh Python process, from the repository root) and parse the last line of
+    its stdout that starts with '{'; RuntimeError with its stderr's tail when it fails."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not last:
+        raise RuntimeError(f"child exit {p.returncode}: {p.stderr.strip()[-300:]}")
+    return json.loads(last[-1])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -352,6 +362,27 @@ def graph_ms(fn, device, warmup: int, iters: int, tag: str = "kernel") -> float 
     except Exception as e:  # report, keep benchmarking
         print(f"bench_{tag}: CUDA graph capture failed ({type(e).__name__}: {e})", file=sys.stderr)
         return None
+
+
+TIMINGS = ("fwd_ms", "fwd_bwd_ms", "fwd_graph_ms", "fwd_bwd_graph_ms")
+
+
+def time_kernel(r: dict, fwd, fwd_bwd, device, warmup: int, iters: int, tag: str) -> None:
+    """Fill row r with one implementation's TIMINGS: forward and forward+backward, eager and
+    replayed from a CUDA graph (None where capture fails, and on the CPU). Written one by one,
+    so a row that fails part-way keeps what was measured."""
+    r["fwd_ms"] = time_fn(fwd, device, warmup=warmup, iters=iters)
+    r["fwd_bwd_ms"] = time_fn(fwd_bwd, device, warmup=warmup, iters=iters)
+    r["fwd_graph_ms"] = graph_ms(fwd, device, warmup, iters, tag=tag)
+    r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters, tag=tag)
+
+
+def add_speedups(rows: list[dict], baseline: dict) -> None:
+    """speedup_<timing> = baseline's time / the row's, for each of TIMINGS (None if either is missing)."""
+    for r in rows:
+        for k in TIMINGS:
+            t, t0 = r.get(k), baseline.get(k)
+            r[f"speedup_{k}"] = t0 / t if t and t0 else None
 
 
 def format_kernel_table(rows: list[dict], columns, n_text: int = 4) -> str:

@@ -9,7 +9,6 @@ Data: 20 synthetic images at the training size.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import GIB, build, free_memory, peak_gib, reset_peak, sync
+from .common import GIB, build, free_memory, json_from_child, peak_gib, reset_peak, sync
 
 N_IMAGES = 20
 TOKEN = "benchtok"
@@ -103,13 +102,11 @@ def launch_in_child(work: Path, model_dir: Path, device: torch.device, size: int
     """The same launch in a fresh Python process after this one's: a user's second and later
     launches. Triton's compiled kernels come from its on-disk cache; the interpreter, imports,
     CUDA context and cuDNN/cuBLAS start-up are paid again (`process_s` counts them too)."""
-    repo = Path(__file__).resolve().parents[1]
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(work), str(model_dir), device.type, str(size)],
-                       capture_output=True, text=True, timeout=240, cwd=repo)
-    last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not last:
-        return {"status": f"error: child exit {p.returncode}: {p.stderr.strip()[-300:]}"}
-    return json.loads(last[-1])
+    try:
+        return json_from_child([sys.executable, "-c", _CHILD, str(work), str(model_dir), device.type, str(size)],
+                               timeout=240)
+    except RuntimeError as e:
+        return {"status": f"error: {e}"}
 
 
 def load_rss(model_dir: Path, device: torch.device, dtype: torch.dtype):

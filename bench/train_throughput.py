@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -314,9 +312,12 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
 def cap_row(plan: Plan, models: TiFastModels, mode: str, nhwc: bool, cap: float | None, label_cap: float) -> dict:
     """One low-vram/offload row in this process (runs on the CPU too, where nothing is capped:
     the offloader's hooks and copies work there, without streams)."""
-    name = f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {label_cap:g} GiB)"
-    r = measure(plan, name, "ti-fast", mode, 1, lambda: ti_step(models, plan, 1, mode, channels_last=nhwc), cap=cap)
+    r = measure(plan, _cap_name(mode, nhwc, label_cap), "ti-fast", mode, 1, lambda: ti_step(models, plan, 1, mode, channels_last=nhwc), cap=cap)
     return dict(r, channels_last=nhwc)
+
+
+def _cap_name(mode: str, nhwc: bool, cap: float) -> str:
+    return f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {cap:g} GiB)"
 
 
 def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float) -> dict:
@@ -325,13 +326,9 @@ def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float) -> dict:
     and prints the row as its last line."""
     cmd = [sys.executable, "-m", "bench.train_throughput", "--row", mode, "--cap", str(cap)]
     cmd += (["--channels-last"] if nhwc else []) + (["--tiny", "--device", plan.device.type] if plan.tiny else [])
-    name = f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {cap:g} GiB)"
+    name = _cap_name(mode, nhwc, cap)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=C.REPO, env=dict(os.environ))
-        last = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        if p.returncode != 0 or not last:
-            raise RuntimeError(f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
-        r = json.loads(last[-1])
+        r = C.json_from_child(cmd, timeout=150)
     except Exception as e:
         r = C.row(name, "ti-fast", mode, 1, cap_gib=cap, channels_last=nhwc,
                   status=f"error: child: {type(e).__name__}: {str(e)[:300]}")
