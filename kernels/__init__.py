@@ -4,6 +4,7 @@ One kernel per file, each with its forward/backward Triton kernels, launchers, t
 autograd.Function, the public op and a plain-PyTorch `<op>_ref`:
   group_norm_silu  GroupNorm (fp32 statistics and affine) + optional SiLU, NCHW or channels_last
   geglu            h[..., :F] * gelu(h[..., F:]) with exact erf GELU
+  attention        flash attention (FA2, saved LSE), head dim split in power-of-two tiles, causal
 
 ti_fast.models.ops is the one dispatch point that decides whether they run. Importing this
 package does not import triton; importing a kernel module does (and fails without it).
