@@ -37,9 +37,13 @@ def test_trains_on_cuda(tiny_single, tmp_path, kw):
 
 
 @cuda
-def test_graph_and_eager_agree_on_cuda(tiny_single, tmp_path):
-    a = train(quick_config(tiny_single, tmp_path / "a", device="cuda", precision="full", steps=8, cuda_graph=False))
-    b = train(quick_config(tiny_single, tmp_path / "b", device="cuda", precision="full", steps=8, cuda_graph=True))
+@pytest.mark.parametrize("low_vram", [False, True], ids=["plain", "lowvram"])
+def test_graph_and_eager_agree_on_cuda(tiny_single, tmp_path, low_vram):
+    # low_vram: the checkpointed blocks' recompute is captured inside the graph's backward
+    a = train(quick_config(tiny_single, tmp_path / "a", device="cuda", precision="full", steps=8, cuda_graph=False,
+                           low_vram=low_vram))
+    b = train(quick_config(tiny_single, tmp_path / "b", device="cuda", precision="full", steps=8, cuda_graph=True,
+                           low_vram=low_vram))
     # Kernels in a captured graph may round differently from eager (cuBLAS picks its workspace and
     # algorithms under capture; the text encoder's attention backward is not deterministic), and
     # Adam turns a tiny gradient difference on a near-zero coordinate into up to ~lr per step

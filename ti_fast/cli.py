@@ -47,7 +47,7 @@ TRAIN_FLAGS = [
     ("optimisation", "device", "auto (cuda if available, else cpu), cuda, cuda:1, cpu"),
     ("optimisation", "low_vram", "checkpoint the high-resolution blocks, VAE off the GPU (4-6 GB cards)"),
     ("optimisation", "cuda_graph", "CUDA: capture the static training step in a CUDA graph (eager with "
-     "--low-vram/--offload, fp16, adamw8bit); --no-cuda-graph turns it off"),
+     "--offload, fp16, adamw8bit); --no-cuda-graph turns it off"),
     ("optimisation", "kernels", "fused GroupNorm+SiLU / GEGLU: torch, auto (Triton if it runs), triton"),
     ("optimisation", "offload", "stream the UNet's blocks from pinned CPU memory (GPUs too small for its 1.7 GB)"),
     ("optimisation", "compile", "torch.compile the UNet (faster steps after minutes of compiling; time in settings)"),

@@ -71,7 +71,7 @@ class TrainConfig:
     device: str = "auto"                 # auto = cuda if available, else cpu
     low_vram: bool = False               # checkpointing where it pays most, VAE off the GPU
     cuda_graph: bool = True              # on CUDA: the static step captured in a CUDA graph (not with
-                                         # --low-vram/--offload, fp16 or adamw8bit: those run eagerly)
+                                         # --offload, fp16 or adamw8bit: those run eagerly)
     kernels: str = "auto"                # fused GroupNorm+SiLU / GEGLU: auto (Triton on CUDA) | torch | triton
     offload: bool = False                # UNet blocks stream from pinned host memory (weights > VRAM)
     compile: bool = False                # torch.compile the UNet (minutes of compilation first)

@@ -275,9 +275,12 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
 
-    if cfg.cuda_graph and device.type == "cuda" and not (cfg.offload or cfg.low_vram):
-        # (offload moves the weights every step, a graph replays fixed addresses; low-VRAM runs
-        # eagerly because the graph's private pool and static buffers cost memory it has not got)
+    if cfg.cuda_graph and device.type == "cuda" and not cfg.offload:
+        # (offload moves the weights every step, a graph replays fixed addresses.) --low-vram is
+        # graphed too: its checkpointed step is what a small card runs at batch 1, launch-bound
+        # eagerly; the recompute is captured like the rest (checkpoints keep no RNG state), and
+        # the capture starts from an emptied cache, so the graph's pool replaces, not adds to,
+        # the eager step's activations.
         from .graph import maybe_graphed
         step_fn = maybe_graphed(step_fn, say=say)   # bf16/fp32 + torch AdamW; else one line, eager
 
