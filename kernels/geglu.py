@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .precompile import launch
+
 MAX_BLOCK_F = 1024  # widest tile along F
 TILE = 2048  # elements per [BLOCK_M, BLOCK_F] tile (per half)
 
@@ -110,7 +112,7 @@ def geglu_forward(h: torch.Tensor) -> torch.Tensor:
     y = torch.empty(M, f, dtype=h.dtype, device=h.device)
     if M:
         grid, meta = _tiles(M, f)
-        _geglu_fwd_kernel[grid](h2, y, M, f, h2.stride(0), **meta)
+        launch(_geglu_fwd_kernel, grid, h2, y, M, f, h2.stride(0), **meta)
     return y.view(*h.shape[:-1], f)
 
 
@@ -123,7 +125,7 @@ def geglu_backward(dy: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     dh = torch.empty(M, 2 * f, dtype=h.dtype, device=h.device)
     if M:
         grid, meta = _tiles(M, f)
-        _geglu_bwd_kernel[grid](h2, dy2, dh, M, f, h2.stride(0), **meta)
+        launch(_geglu_bwd_kernel, grid, h2, dy2, dh, M, f, h2.stride(0), **meta)
     return dh.view(h.shape)
 
 
@@ -144,6 +146,17 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     """h: [..., 2F] (fp32/fp16/bf16) -> h[..., :F] * gelu(h[..., F:]) : [..., F], exact GELU,
     computed in fp32 with one rounding to h's dtype."""
     return GEGLUFunction.apply(h)
+
+
+def precompile_task(shape, dtype: torch.dtype, backward: bool = True):
+    """A callable that makes this op's launches for h of `shape` [..., 2F] (forward; with
+    `backward`, the backward too) on meta tensors, for kernels.precompile.compile_only()."""
+    def task():
+        h = torch.empty(shape, dtype=dtype, device="meta")
+        y = geglu_forward(h)
+        if backward:
+            geglu_backward(torch.empty_like(y), h)
+    return task
 
 
 def geglu_ref(h: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .precompile import config_device, launch
+
 MAX_TILE = 2048  # elements per [BLOCK_C, BLOCK_P] tile: 8-16 fp32 registers a thread per tensor
 PROGRAMS_PER_SM = 4  # target grid size on CUDA, in programs per streaming multiprocessor
 CPU_TARGET_PROGRAMS = 8  # target grid size under TRITON_INTERPRET=1 (no SMs to fill)
@@ -415,7 +417,7 @@ def group_norm_silu_forward(x, weight, bias, groups: int, eps: float, silu: bool
     if x.numel() == 0:
         stat = torch.zeros(B * groups, dtype=torch.float32, device=x.device)
         return torch.empty_like(x), stat, stat.clone()
-    cfg = _config(B, C, HW, groups, channels_last, x.device)
+    cfg = _config(B, C, HW, groups, channels_last, config_device(x))
     S = cfg["S"]
     part = torch.empty(3, B * groups, S, dtype=torch.float32, device=x.device)
     mean = torch.empty(B * groups, dtype=torch.float32, device=x.device)
@@ -425,8 +427,8 @@ def group_norm_silu_forward(x, weight, bias, groups: int, eps: float, silu: bool
     common = dict(C=C, HW=HW, G=groups, CG=cfg["CG"], S=S, SP=cfg["SP"], C_PER=cfg["C_PER"],
                   P_PER=cfg["P_PER"], CHANNELS_LAST=channels_last, BLOCK_C=cfg["BLOCK_C"],
                   BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"])
-    _gn_fwd_stats_kernel[grid](x, part[0], part[1], part[2], **common)
-    _gn_fwd_apply_kernel[grid](x, y, weight, bias, part[0], part[1], part[2], mean, rstd, eps,
+    launch(_gn_fwd_stats_kernel, grid, x, part[0], part[1], part[2], **common)
+    launch(_gn_fwd_apply_kernel, grid, x, y, weight, bias, part[0], part[1], part[2], mean, rstd, eps,
                                SILU=silu, BLOCK_S=triton.next_power_of_2(S), **common)
     return y, mean, rstd
 
@@ -444,7 +446,7 @@ def group_norm_silu_backward(dy, x, weight, bias, mean, rstd, groups: int, silu:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
         return (torch.zeros_like(x) if need_dx else None,
                 zeros if need_dwdb else None, zeros.clone() if need_dwdb else None)
-    cfg = _config(B, C, HW, groups, channels_last, x.device)
+    cfg = _config(B, C, HW, groups, channels_last, config_device(x))
     S, SP = cfg["S"], cfg["SP"]
     part = torch.empty(2, B * groups, S, dtype=torch.float32, device=x.device)
     if need_dwdb:  # every (b, sp, c) entry is written by exactly one program
@@ -455,12 +457,12 @@ def group_norm_silu_backward(dy, x, weight, bias, mean, rstd, groups: int, silu:
     common = dict(C=C, HW=HW, G=groups, CG=cfg["CG"], S=S, SP=SP, C_PER=cfg["C_PER"],
                   P_PER=cfg["P_PER"], SILU=silu, CHANNELS_LAST=channels_last,
                   BLOCK_C=cfg["BLOCK_C"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"])
-    _gn_bwd_reduce_kernel[grid](x, dy, weight, bias, mean, rstd, part[0], part[1], wpart[0],
+    launch(_gn_bwd_reduce_kernel, grid, x, dy, weight, bias, mean, rstd, part[0], part[1], wpart[0],
                                 wpart[1], WEIGHT_GRAD=need_dwdb, **common)
     dx = dw = db = None
     if need_dx:
         dx = torch.empty_like(x)
-        _gn_bwd_apply_kernel[grid](x, dy, dx, weight, bias, mean, rstd, part[0], part[1],
+        launch(_gn_bwd_apply_kernel, grid, x, dy, dx, weight, bias, mean, rstd, part[0], part[1],
                                    BLOCK_S=triton.next_power_of_2(S), **common)
     if need_dwdb:
         dw, db = wpart.sum(dim=(1, 2))
@@ -503,6 +505,21 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     and memory layout.
     """
     return GroupNormSiLUFunction.apply(x, weight, bias, groups, eps, silu)
+
+
+def precompile_task(shape, dtype: torch.dtype, weight_dtype: torch.dtype, groups: int, silu: bool,
+                    channels_last: bool, backward: bool = True):
+    """A callable that makes this op's launches for x of `shape` (forward; with `backward`, the
+    input-gradient backward too) on meta tensors: run it under kernels.precompile.compile_only()
+    to compile them without memory or launches."""
+    def task():
+        fmt = torch.channels_last if channels_last and len(shape) == 4 else torch.contiguous_format
+        x = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
+        w = torch.empty(shape[1], dtype=weight_dtype, device="meta")
+        y, mean, rstd = group_norm_silu_forward(x, w, torch.empty_like(w), groups, 1e-5, silu)
+        if backward:
+            group_norm_silu_backward(torch.empty_like(y), x, w, w, mean, rstd, groups, silu)
+    return task
 
 
 def group_norm_silu_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -10,11 +10,13 @@ shown that they win at SD1.5 shapes.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
 
 _mode = {"name": os.environ.get("TI_FAST_KERNELS", "torch"), "triton": None}
+_recording = threading.local()   # .calls: inside record_calls() on this thread, see there
 
 
 class KernelError(RuntimeError):
@@ -57,9 +59,27 @@ def _triton_for(x: torch.Tensor):
     return _mode["triton"]
 
 
+class record_calls:
+    """Context manager collecting the fused-op calls made inside it on this thread, e.g. by a
+    forward on the meta device, as tuples: ("group_norm", shape, dtype, weight dtype, groups,
+    silu, x.requires_grad) and ("geglu", shape, dtype, h.requires_grad). What
+    ti_fast.training.prewarm compiles ahead of the first step."""
+
+    def __enter__(self) -> list:
+        _recording.calls = []
+        return _recording.calls
+
+    def __exit__(self, *exc):
+        _recording.calls = None
+        return False
+
+
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """GroupNorm (statistics and affine in fp32, as the original GroupNorm32), optional SiLU.
     x: [B, C, H, W] -> same shape and dtype."""
+    if (rec := getattr(_recording, "calls", None)) is not None:
+        rec.append(("group_norm", tuple(x.shape), x.dtype, norm.weight.dtype, norm.num_groups, silu,
+                          x.requires_grad))
     k = _triton_for(x)
     if k is not None:
         return k[0].group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)
@@ -77,6 +97,8 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool = False) ->
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """h: [..., 2F] -> value * gelu(gate): [..., F]; first half is the value (exact erf GELU)."""
+    if (rec := getattr(_recording, "calls", None)) is not None:
+        rec.append(("geglu", tuple(h.shape), h.dtype, h.requires_grad))
     k = _triton_for(h)
     if k is not None:
         return k[1].geglu(h)

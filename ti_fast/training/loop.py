@@ -118,7 +118,6 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     from ..embeddings import Embedding, read_embedding, save_pt, save_safetensors, sanitize_name, init_vectors, EmbeddingError
     from ..loading import load_model
     from ..prompt import PromptTokenizer
-    from .latents import encode_dataset, grey_latent, inpaint_concat
 
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     t_launch = time.perf_counter()
@@ -234,22 +233,19 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     except DataError as e:
         raise ConfigError(str(e)) from None
     items = ds.items
-    say(f"ti-fast: {len(items)} images; caching latents ({cfg.latents}{', flipped too' if cfg.flip else ''})")
-    enc_gen = torch.Generator(device=device)
-    enc_gen.manual_seed(seed + 1)
-    latents = encode_dataset(vae, items, device=device, mode=cfg.latents, generator=enc_gen,
-                             store_dtype=dtype if device.type == "cuda" else torch.float32,
-                             cache_dir=cfg.cache_dir, vae_hash=model.info.hash, resize=cfg.resize,
-                             flip=cfg.flip, seed=seed)
-    down = vae.downscale
-    weights = None
-    if cfg.alpha_weight:
-        weights = [_latent_weight(it, down, cfg.flip, device) for it in items]
-    concat = {}
-    if unet.config.in_channels == 9:
-        for it in items:
-            if tuple(it.size) not in concat:
-                concat[tuple(it.size)] = inpaint_concat(grey_latent(vae, it.size[1], it.size[0], device))
+    # The Triton kernels of the VAE encode and of the UNet step compile on threads from here on
+    # (ti_fast/training/prewarm.py): the first launch on a machine stops waiting for them only
+    # where they are needed, and they compile in parallel.
+    from . import prewarm
+    warm = prewarm.start(unet, vae, device=device, batch=cfg.batch_size, image_hw=(cfg.height, cfg.width),
+                         dtype=dtype, channels_last=cfg.channels_last, say=say)
+    try:
+        latents, weights, concat = _cache_latents(cfg, vae, items, device, dtype, seed, model, unet, warm, say)
+        if warm is not None:
+            warm.wait("unet")
+    finally:
+        if warm is not None:
+            warm.close()
     previews = cfg.preview_every > 0 or cfg.png_embed
     if device.type == "cuda":
         vae.to("cpu")                      # the VAE leaves the GPU after caching
@@ -454,6 +450,31 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
             f"({res.samples_per_s:.2f} samples/s{mem}); final loss {last_loss if last_loss is None else round(last_loss, 5)}")
         say(f"  embedding: {pt_path}  (+ {st_path.name})\n  log:       {log_dir}")
     return res
+
+
+def _cache_latents(cfg, vae, items, device, dtype, seed, model, unet, warm, say):
+    """Latents of every image (once, through the VAE), the alpha-channel loss weights and the
+    inpainting models' conditioning: (latents, weights or None, {size: c_concat})."""
+    from .latents import encode_dataset, grey_latent, inpaint_concat
+    say(f"ti-fast: {len(items)} images; caching latents ({cfg.latents}{', flipped too' if cfg.flip else ''})")
+    if warm is not None:
+        warm.wait("vae")                   # the encoder's kernels: compiled in parallel, not one by one
+    enc_gen = torch.Generator(device=device)
+    enc_gen.manual_seed(seed + 1)
+    latents = encode_dataset(vae, items, device=device, mode=cfg.latents, generator=enc_gen,
+                             store_dtype=dtype if device.type == "cuda" else torch.float32,
+                             cache_dir=cfg.cache_dir, vae_hash=model.info.hash, resize=cfg.resize,
+                             flip=cfg.flip, seed=seed)
+    down = vae.downscale
+    weights = None
+    if cfg.alpha_weight:
+        weights = [_latent_weight(it, down, cfg.flip, device) for it in items]
+    concat = {}
+    if unet.config.in_channels == 9:
+        for it in items:
+            if tuple(it.size) not in concat:
+                concat[tuple(it.size)] = inpaint_concat(grey_latent(vae, it.size[1], it.size[0], device))
+    return latents, weights, concat
 
 
 def _micro_batch(batch, items, latents, weights, concat, ptok, lines, name, cfg, rng, device) -> MicroBatch:
