@@ -3,7 +3,8 @@ in one process on one GPU, at 512 px with SD1.5 shapes (random weights).
 
     python -m bench.train_throughput            # default run, under 5 minutes on an H100/H200
     python -m bench.train_throughput --full     # + batch 4, torch.compile, 4/6/8 GiB caps
-    python -m bench.train_throughput --compile  # + torch.compile rows only
+    python -m bench.train_throughput --compile  # + torch.compile rows
+    python -m bench.train_throughput --compile-only --batches 8   # only those rows
     python -m bench.train_throughput --tiny --out DIR   # CPU harness check, seconds
 
 Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset just before the
@@ -16,7 +17,8 @@ row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x sampl
                          the trainer's default on CUDA
   ..., torch ops         the default with PyTorch's GroupNorm/SiLU/GEGLU: what the Triton kernels buy
   ..., SDPA K            (--full) the default with one SDPA kernel forced (flash/efficient/cudnn)
-  ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), NHWC, under a 3 GiB cap
+  ..., Triton attention  (--full) the default with ti_fast.kernels.attention
+  ti-fast low-vram       checkpoint_blocks (ti_fast.training.lowvram), NHWC, graphed, 3 GiB cap
   ti-fast offload        ti_fast.training.offload.Offloader: the UNet's blocks stream from pinned
                          host memory, under a 2 GiB cap (the UNet alone is 1.72 GB). On CUDA these
                          two run in a fresh child process each (expandable allocator segments, as
@@ -67,6 +69,7 @@ class Plan:
     warmup: int
     iters: int | None             # None: sized to ~2 s per row
     compile: bool = False         # torch.compile rows (implied by --full)
+    compile_only: bool = False    # only the torch.compile rows (no startup, peer or kernels)
     say: object = print
 
     @property
@@ -79,13 +82,15 @@ def make_plan(args) -> Plan:
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench: no CUDA device; the full benchmark needs a GPU (use --tiny to check the harness on CPU)")
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    common = dict(full=args.full, compile=args.compile or args.full, say=say)
+    common = dict(full=args.full, compile=args.compile or args.full or args.compile_only,
+                  compile_only=args.compile_only, say=say)
     if args.tiny:
         # tiny shapes gain nothing from threads, and on a shared CI machine spinning OpenMP
         # workers make the harness check several times slower
         torch.set_num_threads(1)
         return Plan(dev, True, size=64, batches=(1, 2), warmup=1, iters=1, **common)
-    return Plan(dev, False, size=512, batches=(1, 8), warmup=3, iters=None, **common)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (1, 8)
+    return Plan(dev, False, size=512, batches=batches, warmup=3, iters=None, **common)
 
 
 # ----------------------------------------------------------------------------- ti-fast
@@ -116,19 +121,26 @@ def micro_batch(plan: Plan, te: CLIPTextEncoder, b: int, seed: int = 0) -> Micro
 
 
 def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: bool = False,
-            sdpa: str | None = None):
+            sdpa: str | None = None, graph: bool | None = None, attention: str | None = None):
     """(fn, finish) for one ti-fast row. fn = one optimizer step as the trainer issues it (lr
     written into param_groups, then the step); finish() puts the shared models back as they were
     (measure calls it after a failure too) and returns the last loss and finite flag.
+    graph: replay the step from a CUDA graph (default: only in mode "cuda-graph"; the trainer
+    also graphs "low-vram").
     sdpa: force one of PyTorch's SDPA kernels ("flash", "efficient", "cudnn") for every call of
-    fn — with a CUDA graph the choice made at capture is what replays."""
+    fn — with a CUDA graph the choice made at capture is what replays.
+    attention: a backend of ti_fast.models.attention for this row (then the shared default)."""
     unet = models.unet
     unet.set_gradient_checkpointing(mode == "low-vram", checkpoint_blocks(unet) if mode == "low-vram" else None)
     nhwc = ChannelsLast(unet).attach() if channels_last else None
     off = None
     step = None
+    if attention is not None:
+        set_attention_backend(unet, attention, plan.device, verbose=False)
 
     def restore():
+        if attention is not None:
+            set_attention_backend(unet, models.attention, plan.device, verbose=False)
         if hasattr(step, "reset"):
             step.reset()                               # free the graphs' pool before the next row
         if off is not None:
@@ -150,7 +162,7 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
         opt = torch.optim.AdamW([vectors], lr=LR, weight_decay=0.0)
         gen = torch.Generator(device=plan.device).manual_seed(0)
         step = TrainStep(u, models.te, vectors, opt, generator=gen)
-        if mode == "cuda-graph":
+        if graph if graph is not None else mode == "cuda-graph":
             from ti_fast.training.graph import GraphedStep
             step = GraphedStep(step, say=plan.say)
         mb = [micro_batch(plan, models.te, b)]
@@ -272,6 +284,12 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
             rows.append(dict(r, channels_last=True, kernels="torch"))
         ops.set_kernels("auto", verbose=False)
     if cuda and plan.full:
+        # ti_fast.kernels.attention in the default step (auto keeps SDPA: cuDNN wins at head dim 40)
+        for b in batches:
+            r = measure(plan, "ti-fast cuda-graph + channels_last, Triton attention", "ti-fast", "cuda-graph", b,
+                        lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True, attention="triton"))
+            rows.append(dict(r, channels_last=True, kernels=kernels, attention="triton"))
+    if cuda and plan.full:
         # attention is the largest single kernel family: which SDPA kernel serves head dim 40-160 best
         # (H200, 2026-11-26, batch 8: cuDNN 44.7 ms/step, flash 53.0, efficient 80.3; auto picks cuDNN)
         for sdpa in ("flash", "efficient", "cudnn"):
@@ -279,21 +297,20 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
             r = measure(plan, f"ti-fast cuda-graph + channels_last, SDPA {sdpa}", "ti-fast", "cuda-graph", b,
                         lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True, sdpa=sdpa))
             rows.append(dict(r, channels_last=True, kernels=kernels, sdpa=sdpa))
-    # low-VRAM and offload as the trainer runs them (eager, NHWC on CUDA); --full adds NCHW.
+    # low-VRAM and offload as the trainer runs them on CUDA (NHWC; low-VRAM's step graphed,
+    # offload's eager); --full adds NCHW, and low-VRAM eager (what the graph buys at batch 1).
     # On CUDA each in a fresh process (capped_row): the cap must see only that row's memory, as
     # a 3 GiB / 2 GiB card would, not what earlier rows left cached or pinned in this process.
     for mode, cap in (("low-vram", LOW_VRAM_CAP), ("offload", OFFLOAD_CAP)):
-        for nhwc in (((True, False) if plan.full else (True,)) if cuda else (False,)):
-            rows.append(capped_row(plan, mode, nhwc, cap) if cuda else
-                        cap_row(plan, models, mode, nhwc, None, cap))
+        if not cuda:
+            rows.append(cap_row(plan, models, mode, False, None, cap, graph=False))
+            continue
+        graphed = mode == "low-vram"
+        variants = [(True, graphed)] + ([(False, graphed)] + [(True, False)] * graphed if plan.full else [])
+        for nhwc, graph in variants:
+            rows.append(capped_row(plan, mode, nhwc, cap, graph))
     if plan.compile:
-        for b in plan.batches:
-            r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,
-                        lambda: ti_step(models, plan, b, "compile"))
-            if r["status"] == "ok":
-                r["compile_s"] = r["first_step_s"] - r["ms_per_step"] / 1e3
-            rows.append(r)
-            torch._dynamo.reset()
+        rows += compile_rows(plan, models)
     if plan.full:
         for cap in FULL_CAPS:
             rows.append(best_under_cap(plan, models, cap) if cuda else
@@ -309,28 +326,45 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
     return rows, flops, attention
 
 
-def cap_row(plan: Plan, models: TiFastModels, mode: str, nhwc: bool, cap: float | None, label_cap: float) -> dict:
+def compile_rows(plan: Plan, models: TiFastModels) -> list[dict]:
+    """torch.compile of the UNet (ti_fast.training.accel.compile_unet, as --compile), the eager
+    step around it, one row per batch; compile_s = the first step's time less one timed step."""
+    rows = []
+    for b in plan.batches:
+        r = measure(plan, "ti-fast torch.compile", "ti-fast", "compile", b,
+                    lambda: ti_step(models, plan, b, "compile"))
+        if r["status"] == "ok":
+            r["compile_s"] = r["first_step_s"] - r["ms_per_step"] / 1e3
+        rows.append(r)
+        torch._dynamo.reset()
+    return rows
+
+
+def cap_row(plan: Plan, models: TiFastModels, mode: str, nhwc: bool, cap: float | None, label_cap: float,
+            graph: bool) -> dict:
     """One low-vram/offload row in this process (runs on the CPU too, where nothing is capped:
     the offloader's hooks and copies work there, without streams)."""
-    r = measure(plan, _cap_name(mode, nhwc, label_cap), "ti-fast", mode, 1, lambda: ti_step(models, plan, 1, mode, channels_last=nhwc), cap=cap)
-    return dict(r, channels_last=nhwc)
+    r = measure(plan, _cap_name(mode, nhwc, label_cap, graph), "ti-fast", mode, 1,
+                lambda: ti_step(models, plan, 1, mode, channels_last=nhwc, graph=graph), cap=cap)
+    return dict(r, channels_last=nhwc, cuda_graph=graph)
 
 
-def _cap_name(mode: str, nhwc: bool, cap: float) -> str:
-    return f"ti-fast {mode}{' + channels_last' if nhwc else ''} (cap {cap:g} GiB)"
+def _cap_name(mode: str, nhwc: bool, cap: float, graph: bool) -> str:
+    return f"ti-fast {mode}{' + channels_last' if nhwc else ''}{' + cuda-graph' if graph else ''} (cap {cap:g} GiB)"
 
 
-def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float) -> dict:
-    """cap_row in a child process (`--row MODE --cap GIB [--channels-last]`), which builds its own
-    models, switches the allocator to expandable segments as the trainer does for these modes,
-    and prints the row as its last line."""
+def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float, graph: bool) -> dict:
+    """cap_row in a child process (`--row MODE --cap GIB [--channels-last] [--graph]`), which
+    builds its own models, switches the allocator to expandable segments as the trainer does for
+    these modes, and prints the row as its last line."""
     cmd = [sys.executable, "-m", "bench.train_throughput", "--row", mode, "--cap", str(cap)]
-    cmd += (["--channels-last"] if nhwc else []) + (["--tiny", "--device", plan.device.type] if plan.tiny else [])
-    name = _cap_name(mode, nhwc, cap)
+    cmd += (["--channels-last"] if nhwc else []) + (["--graph"] if graph else [])
+    cmd += ["--tiny", "--device", plan.device.type] if plan.tiny else []
+    name = _cap_name(mode, nhwc, cap, graph)
     try:
         r = C.json_from_child(cmd, timeout=150)
     except Exception as e:
-        r = C.row(name, "ti-fast", mode, 1, cap_gib=cap, channels_last=nhwc,
+        r = C.row(name, "ti-fast", mode, 1, cap_gib=cap, channels_last=nhwc, cuda_graph=graph,
                   status=f"error: child: {type(e).__name__}: {str(e)[:300]}")
     r["process"] = "child"
     plan.say(f"bench: {name} (child process): {r['status']}"
@@ -341,13 +375,14 @@ def capped_row(plan: Plan, mode: str, nhwc: bool, cap: float) -> dict:
 def child_row(args) -> int:
     """--row: one capped row in this (fresh) process; prints it as one JSON line."""
     from ti_fast.training.lowvram import lean_allocator
-    plan = make_plan(argparse.Namespace(tiny=args.tiny, device=args.device, full=False, compile=False, quiet=True))
+    plan = make_plan(argparse.Namespace(tiny=args.tiny, device=args.device, full=False, compile=False,
+                                        compile_only=False, batches=None, quiet=True))
     if plan.device.type == "cuda":
         lean_allocator()
     ops.set_kernels("auto", verbose=False)
     models = TiFastModels(plan)
     C.free_memory(plan.device)
-    r = cap_row(plan, models, args.row, args.channels_last, args.cap, args.cap)
+    r = cap_row(plan, models, args.row, args.channels_last, args.cap, args.cap, graph=args.graph)
     print(json.dumps(C.clean(r), default=C.jsonable))
     return 0
 
@@ -432,14 +467,20 @@ def run(plan: Plan) -> dict:
     env["ti_fast_kernels"] = ops.set_kernels("auto", verbose=False) if dev.type == "cuda" else "torch"
     matmul = C.matmul_peak_flops(dev)
     plan.say(f"bench: {env['gpu']}: matmul peak {matmul['flops'] / 1e12:.1f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)")
-    from .startup import run_startup
-    with tempfile.TemporaryDirectory(prefix="ti-bench-") as work:
-        startup = run_startup(Path(work), dev, plan.tiny, say=plan.say)
-    rows, counted, env["ti_fast_attention"] = ti_rows(plan)
-    rows += peer_rows(plan)
+    if plan.compile_only:
+        models = TiFastModels(plan)
+        env["ti_fast_attention"] = models.attention
+        rows, counted, startup, kernels = compile_rows(plan, models), None, {}, {}
+        del models
+    else:
+        from .startup import run_startup
+        with tempfile.TemporaryDirectory(prefix="ti-bench-") as work:
+            startup = run_startup(Path(work), dev, plan.tiny, say=plan.say)
+        rows, counted, env["ti_fast_attention"] = ti_rows(plan)
+        rows += peer_rows(plan)
+        kernels = kernel_results(plan)
     flop = counted if plan.tiny and counted else C.SD15_FLOP_PER_SAMPLE
     C.finish_rows(rows, flop, matmul["flops"])
-    kernels = kernel_results(plan)
     memory = {"cuda_context_gib": None if context is None else context / C.GIB,
               "outside_allocator_gib_at_end": None if dev.type != "cuda" else C.outside_allocator_bytes(dev) / C.GIB}
     return {"bench": "train_throughput", "tiny": plan.tiny, "full": plan.full, "size": plan.size, "env": env,
@@ -488,12 +529,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models at 64 px on the CPU: checks the harness, not speed")
     ap.add_argument("--full", action="store_true", help="also batch 4, torch.compile, and 4/6/8 GiB caps")
     ap.add_argument("--compile", action="store_true", help="also torch.compile rows (first_step_s = compile time)")
+    ap.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
+    ap.add_argument("--batches", default=None, help="comma list replacing the batch 1 and 8 pair (e.g. 8)")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes only with --out)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--row", choices=("low-vram", "offload"), help="(internal) one capped row in this process")
     ap.add_argument("--cap", type=float, default=None, help="(with --row) allocator cap in GiB")
     ap.add_argument("--channels-last", action="store_true", help="(with --row) NHWC")
+    ap.add_argument("--graph", action="store_true", help="(with --row) the step replayed from a CUDA graph")
     args = ap.parse_args(argv)
     if args.row:
         return child_row(args)

@@ -2,12 +2,8 @@
 # The one prepared GPU check, for a session that has the device machine (< 8 minutes there):
 #   scripts/fetch_gpu_wheels.sh              (here, once: diffusers for the peer benchmark)
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# Steps, each under its own timeout so one hang cannot eat the lease:
-#   carried wheels -> /tmp/site; pip install -e . ; nvidia-smi and versions;
-#   the default 512 px benchmark (results JSON into bench/results/ there and into $OUT);
-#   bench.profile_step (where the eager step's GPU time goes); pytest -m gpu (kernel tests,
-#   graphed == eager step, the trainer on CUDA); with TI_FAST_TINY_SMOKE=1 also the benchmark at
-#   tiny shapes on the GPU; logs copied into $OUT (at most 8 files come back).
+# Carried wheels -> /tmp/site; pip install -e . ; nvidia-smi and versions; then the steps listed
+# below, each under its own timeout so one hang cannot eat the lease; logs into $OUT.
 # The device machine's copy of the tree has no .git: pass the commit in, e.g.
 #   run(command="TI_FAST_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh", ...)
 # with the hash written out (the command runs there).
@@ -41,26 +37,71 @@ print("graph-safe generators:", hasattr(torch.cuda.CUDAGraph, "register_generato
 PY
 } 2>&1 | tee "$OUT/env.txt"
 
-# The default bench first: its results file is what the issue asks for, so nothing else may eat
-# its time. Then a profile of the eager step, then the GPU tests.
-stamp "bench default run"
-timeout ${TI_FAST_BENCH_TIMEOUT:-270} python3 -m bench.train_throughput > "$OUT/bench.log" 2>&1
-echo "bench exit $?"; grep -v '^{' "$OUT/bench.log" | tail -45
-latest=$(tail -n 1 "$OUT/bench.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
-[ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
+# Steps, in this order, chosen by TI_FAST_STEPS (default "bench profile tests"):
+#   bench      the default benchmark (its results file is what the issue asks for, so it goes first)
+#   compile    bench.train_throughput --compile-only at TI_FAST_COMPILE_BATCHES (default 8)
+#   profile    bench.profile_step (where the step's GPU time goes)
+#   attention  bench.bench_attention --sweep (the Triton attention kernel against SDPA's kernels)
+#   lowvram    the --low-vram row alone (graphed, NHWC, 3 GiB cap) in a fresh process
+#   cold       launch-to-first-step with an EMPTY Triton cache (a fresh machine's first launch)
+#   tests      pytest -m gpu (TI_FAST_GPU_TESTS: test paths instead of all)
+#   tiny       the benchmark at tiny shapes on the GPU (every CUDA path in ~30 s)
+STEPS=" ${TI_FAST_STEPS:-bench profile tests} "
+has() { [[ "$STEPS" == *" $1 "* ]]; }
 
-if [ -n "${TI_FAST_BENCH_ONLY:-}" ]; then stamp "done (bench only)"; exit 0; fi
+if has bench; then
+  stamp "bench default run"
+  timeout ${TI_FAST_BENCH_TIMEOUT:-270} python3 -m bench.train_throughput > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"; grep -v '^{' "$OUT/bench.log" | tail -48
+  latest=$(tail -n 1 "$OUT/bench.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
+  [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
+fi
 
-stamp "profile of the eager step"
-timeout 90 python3 -m bench.profile_step > "$OUT/profile.log" 2>&1
-echo "profile exit $?"; grep -v '^{' "$OUT/profile.log" | grep -v USDT | tail -70
+if has compile; then
+  stamp "bench torch.compile rows"
+  timeout ${TI_FAST_COMPILE_TIMEOUT:-200} python3 -m bench.train_throughput --compile-only --batches ${TI_FAST_COMPILE_BATCHES:-8} \
+    --out "$OUT/compile" > "$OUT/bench_compile.log" 2>&1
+  echo "compile bench exit $?"; grep -v '^{' "$OUT/bench_compile.log" | tail -12
+fi
 
-stamp "pytest -m gpu"
-# TI_FAST_GPU_TESTS: test paths to run instead of all (e.g. when the kernels are unchanged)
-timeout 110 python3 -m pytest -q -m gpu -ra -p no:cacheprovider ${TI_FAST_GPU_TESTS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
-echo "pytest exit ${PIPESTATUS[0]}"
+if has profile; then
+  stamp "profile of the step"
+  timeout 90 python3 -m bench.profile_step > "$OUT/profile.log" 2>&1
+  echo "profile exit $?"; grep -v '^{' "$OUT/profile.log" | grep -v USDT | tail -70
+fi
 
-if [ -n "${TI_FAST_TINY_SMOKE:-}" ]; then   # the tiny shapes on the GPU: every CUDA path in ~30 s
+if has attention; then
+  stamp "bench_attention --sweep"
+  timeout ${TI_FAST_ATTN_TIMEOUT:-150} python3 -m bench.bench_attention --sweep > "$OUT/bench_attention.log" 2>&1
+  echo "attention bench exit $?"; grep -v '^{' "$OUT/bench_attention.log" | tail -60
+fi
+
+if has lowvram; then
+  stamp "low-vram row (graphed, NHWC, 3 GiB cap, fresh process)"
+  timeout 120 python3 -m bench.train_throughput --row low-vram --cap 3 --channels-last --graph > "$OUT/lowvram.log" 2>&1
+  echo "low-vram row exit $?"; tail -c 1500 "$OUT/lowvram.log"; echo
+fi
+
+if has cold; then
+  stamp "cold launch (empty Triton cache, fresh process)"
+  TRITON_CACHE_DIR=$(mktemp -d) timeout 150 python3 - > "$OUT/cold.log" 2>&1 <<'PY'
+import json, tempfile, torch
+from pathlib import Path
+from bench.startup import write_model, launch_in_child
+w = Path(tempfile.mkdtemp())
+m = write_model(w / "model", torch.device("cuda"), False)
+print(json.dumps(launch_in_child(w, m, torch.device("cuda"), 512)))
+PY
+  echo "cold launch exit $?"; tail -c 1500 "$OUT/cold.log"; echo
+fi
+
+if has tests; then
+  stamp "pytest -m gpu"
+  timeout ${TI_FAST_TESTS_TIMEOUT:-110} python3 -m pytest -q -m gpu -ra -p no:cacheprovider ${TI_FAST_GPU_TESTS:-} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+  echo "pytest exit ${PIPESTATUS[0]}"
+fi
+
+if has tiny; then
   stamp "bench --tiny on cuda (smoke)"
   timeout 60 python3 -m bench.train_throughput --tiny --device cuda --out "$OUT/tiny" > "$OUT/bench_tiny.log" 2>&1
   echo "tiny bench exit $?"; grep -v '^{' "$OUT/bench_tiny.log" | tail -25

@@ -274,9 +274,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     if cfg.cuda_graph and device.type == "cuda" and not cfg.offload:
         # (offload moves the weights every step, a graph replays fixed addresses.) --low-vram is
         # graphed too: its checkpointed step is what a small card runs at batch 1, launch-bound
-        # eagerly; the recompute is captured like the rest (checkpoints keep no RNG state), and
-        # the capture starts from an emptied cache, so the graph's pool replaces, not adds to,
-        # the eager step's activations.
+        # eagerly; the recompute is captured like the rest (checkpoints keep no RNG state). The
+        # capture starts from an emptied cache; what the graph's pool still adds is in lowvram.py.
         from .graph import maybe_graphed
         step_fn = maybe_graphed(step_fn, say=say)   # bf16/fp32 + torch AdamW; else one line, eager
 
