@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 # What auto prefers, fastest first where measured. triton is not in it: on an H200 (bf16, batch
-# 8, forward + backward) it beats SDPA's flash kernel 1.47x at the dominant SD1.5 shape (4096
-# tokens, head dim 40: 2.65 vs 3.91 ms) but not SDPA's choice there, cuDNN (2.17 ms); it wins
-# only the small cross-attention shapes (4096x77: 0.14 vs 0.20 ms). bench/bench_attention.py.
+# 8, forward + backward, graphed) it beats SDPA's flash kernel 1.45x at the dominant SD1.5 shape
+# (4096 tokens, head dim 40: 2.70 vs 3.91 ms) but not SDPA's choice there, cuDNN (2.19 ms); it
+# wins only the small cross-attention shapes (4096x77: 0.14 vs 0.20 ms). bench/bench_attention.py.
 AUTO_ORDER = ("xformers", "sdpa", "math")
 
 
