@@ -78,3 +78,23 @@ def compile_for_sm90(calls: str) -> list[dict]:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, f"sm_90 compile failed:\n{r.stdout[-5000:]}\n{r.stderr[-10000:]}"
     return json.loads(r.stdout.split("FOUND ", 1)[1])
+
+
+class count_compiles:
+    """Context manager counting Triton JIT compilations (cache misses of any @triton.jit kernel)
+    made inside it: `with count_compiles() as n: ...; n["compiles"]`."""
+
+    def __enter__(self) -> dict:
+        import triton.runtime.jit as J
+        self.jit, self.orig, self.n = J.JITFunction, J.JITFunction._do_compile, {"compiles": 0}
+        orig, n = self.orig, self.n
+
+        def counted(fn, *a, **k):
+            n["compiles"] += 1
+            return orig(fn, *a, **k)
+        self.jit._do_compile = counted
+        return self.n
+
+    def __exit__(self, *exc):
+        self.jit._do_compile = self.orig
+        return False

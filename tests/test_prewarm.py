@@ -7,6 +7,8 @@ compiled — the property that takes the JIT off the first training step.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from ti_fast.loading.tiny import TINY_UNET, TINY_VAE
 from ti_fast.models import UNet, VAE
 from ti_fast.training import prewarm
 
-from kernel_testing import compile_for_sm90
+from kernel_testing import compile_for_sm90, count_compiles
 
 
 def test_trace_records_the_fused_calls_of_a_unet_forward_and_a_vae_encode():
@@ -40,34 +42,29 @@ def test_nothing_to_precompile_on_the_cpu():
 
 
 CHECK = r"""
-import torch, triton.runtime.jit as J
+import sys, torch
+sys.path.insert(0, TESTS_DIR)
+from kernel_testing import count_compiles
 from ti_fast.models import UNet, ops
 from ti_fast.loading.tiny import TINY_UNET
 from ti_fast.training import prewarm
 from ti_fast.kernels.precompile import run_task
 ops.set_kernels("triton")
 ops._triton_for = lambda x: ops._mode["triton"]      # CPU tensors through the (compile-only) kernels
-n = {"compiles": 0}
-orig = J.JITFunction._do_compile
-def counted(self, *a, **k):
-    n["compiles"] += 1
-    return orig(self, *a, **k)
-J.JITFunction._do_compile = counted
 for cl in (False, True):
     unet = UNet(TINY_UNET).to(torch.bfloat16).requires_grad_(False)
     fmt = torch.channels_last if cl else torch.contiguous_format
     unet = unet.to(memory_format=fmt)
     tasks = prewarm.tasks_for(prewarm.unet_calls(unet, 2, (16, 16), torch.bfloat16), channels_last=cl)
-    launches = sum(run_task(t, torch.device("cpu")) for t in tasks)
-    pre = n["compiles"]
+    with count_compiles() as pre:
+        launches = sum(run_task(t, torch.device("cpu")) for t in tasks)
     x = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16).to(memory_format=fmt)
     ctx = torch.randn(2, 77, TINY_UNET.context_dim, dtype=torch.bfloat16, requires_grad=True)
-    y = unet(x, torch.tensor([10, 20]), ctx)
-    y.float().sum().backward()
-    found.append({"check": cl, "tasks": len(tasks), "launches": launches, "precompiled": pre,
-                  "compiled_after": n["compiles"] - pre})
-    n["compiles"] = 0
-"""
+    with count_compiles() as after:
+        unet(x, torch.tensor([10, 20]), ctx).float().sum().backward()
+    found.append({"check": cl, "tasks": len(tasks), "launches": launches, "precompiled": pre["compiles"],
+                  "compiled_after": after["compiles"]})
+""".replace("TESTS_DIR", repr(str(Path(__file__).parent)))
 
 
 def test_precompiled_kernels_cover_a_real_forward_and_backward():
@@ -82,7 +79,6 @@ def test_precompiled_kernels_cover_a_real_forward_and_backward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_precompile_on_cuda_leaves_nothing_to_compile_at_the_first_step():
     pytest.importorskip("triton")
-    import triton.runtime.jit as J
     from ti_fast.models import ops
     dev = torch.device("cuda")
     before = ops._mode["name"]
@@ -97,22 +93,13 @@ def test_precompile_on_cuda_leaves_nothing_to_compile_at_the_first_step():
         pw.close()
         assert n_vae > 0 and n_unet > 0, lines
         assert not lines, lines
-        n = {"compiles": 0}
-        orig = J.JITFunction._do_compile
-
-        def counted(self, *a, **k):
-            n["compiles"] += 1
-            return orig(self, *a, **k)
-        J.JITFunction._do_compile = counted
-        try:
+        with count_compiles() as n:
             vae.encode(torch.randn(4, 3, 64, 64, device=dev))
             ctx = torch.randn(2, 77, TINY_UNET.context_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
             h = 64 // vae.downscale
             unet(torch.randn(2, 4, h, h, device=dev, dtype=torch.bfloat16), torch.tensor([1, 2], device=dev),
                  ctx).float().sum().backward()
             torch.cuda.synchronize()
-        finally:
-            J.JITFunction._do_compile = orig
         assert n["compiles"] == 0
     finally:
         ops.set_kernels(before, verbose=False)
