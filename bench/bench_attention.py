@@ -32,7 +32,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, TIMING_COLUMNS, add_speedups, environment, format_kernel_table, num, time_kernel
+from bench.common import (TIMING_COLUMNS, add_speedups, environment, format_kernel_table, kernel_device,
+                          kernel_dtypes, kernel_row, num, per_s, time_kernel)
 
 OP = "attention"
 H = 8
@@ -119,8 +120,7 @@ def _measure(r: dict, fn, qkv, do, causal: bool, ref, flop: float, device, warmu
     fwd_bwd = lambda: torch.autograd.grad(fn(qg, kg, vg, causal), (qg, kg, vg), do)  # noqa: E731
     time_kernel(r, fwd, fwd_bwd, device, warmup, iters, tag=OP)
     for key, mult in (("fwd", 1.0), ("fwd_bwd", 3.5)):
-        ms = r.get(f"{key}_graph_ms") or r.get(f"{key}_ms")
-        r[f"{key}_TFLOPs"] = mult * flop / (ms * 1e-3) / 1e12 if ms else None
+        r[f"{key}_TFLOPs"] = per_s(r, key, mult * flop, 1e12)
 
 
 def run(shapes=None, dtypes=None, batch: int = 8, iters: int = 30, warmup: int = 5, device=None,
@@ -129,13 +129,9 @@ def run(shapes=None, dtypes=None, batch: int = 8, iters: int = 30, warmup: int =
     tuples (kind 'causal' = causal). dtypes: names ('bf16', 'fp16', 'fp32') or torch dtypes.
     device: CUDA by default; 'cpu' (with TRITON_INTERPRET=1 and tiny shapes) only checks the
     harness."""
-    if device is None:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
-        device = torch.cuda.current_device()
-    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    device = kernel_device(device, OP)
     from ti_fast.kernels.attention import attention_ref
-    dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16",))]
+    dtypes = kernel_dtypes(dtypes, ("bf16",))
     impls = implementations(sweep)
     rows = []
     for shape in shapes or default_shapes(batch):
@@ -152,13 +148,10 @@ def run(shapes=None, dtypes=None, batch: int = 8, iters: int = 30, warmup: int =
             for name, cfg_name, fn in impls:
                 if cfg_name not in (None, "heuristic") and not swept:
                     continue
-                r = {"op": OP, "impl": name, "kind": kind, "shape": [B, h, tq, tk, d], "causal": causal,
-                     "dtype": str(dtype)[6:], "config": cfg_name, "status": "ok"}
-                try:
-                    _measure(r, fn, (q, k, v), do, causal, ref, flop, device, warmup, iters)
-                except Exception as e:  # a backend that cannot run this shape: report, go on
-                    r["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                rows.append(r)
+                fields = {"op": OP, "impl": name, "kind": kind, "shape": [B, h, tq, tk, d], "causal": causal,
+                          "dtype": str(dtype)[6:], "config": cfg_name}
+                rows.append(kernel_row(fields, lambda r, fn=fn: _measure(r, fn, (q, k, v), do, causal, ref, flop,
+                                                                         device, warmup, iters)))
             group = rows[start:]
             add_speedups(group, next(r for r in group if r["impl"] == "sdpa"))
             tri = [r for r in group if r["impl"] == "triton" and r["status"] == "ok"]

@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from bench.common import DTYPES, TIMING_COLUMNS, add_speedups, environment, format_kernel_table, num, time_kernel
+from bench.common import (TIMING_COLUMNS, add_speedups, environment, format_kernel_table, kernel_device,
+                          kernel_dtypes, kernel_row, num, per_s, time_kernel)
 
 OP = "geglu"
 SHAPES = [(4, 4096, 1280), (4, 1024, 2560), (4, 256, 5120)]  # [B, tokens, F]: h is [B, T, 2F]
@@ -39,14 +40,10 @@ def run(shapes=None, dtypes=None, iters: int = 50, warmup: int = 10, device=None
     """One row per (shape, dtype, implementation). dtypes: names ('bf16', 'fp16', 'fp32') or
     torch dtypes. max_abs_diff_vs_fp32: output vs the reference computed in fp32. device: CUDA
     by default; 'cpu' (with TRITON_INTERPRET=1 and tiny shapes) only checks the harness."""
-    if device is None:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
-        device = torch.cuda.current_device()
-    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    device = kernel_device(device, OP)
     from ti_fast.kernels.geglu import geglu, geglu_ref
     impls = {"triton": geglu, "torch": geglu_ref}
-    dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16", "fp16"))]
+    dtypes = kernel_dtypes(dtypes, ("bf16", "fp16"))
     rows = []
     for shape in shapes or SHAPES:
         B, T, f = shape
@@ -57,18 +54,13 @@ def run(shapes=None, dtypes=None, iters: int = 50, warmup: int = 10, device=None
             hg = h.detach().requires_grad_(True)
             ref = geglu_ref(h.float())
             for name, fn in impls.items():
-                fwd = lambda fn=fn: fn(h)  # noqa: E731
-                fwd_bwd = lambda fn=fn: torch.autograd.grad(fn(hg), hg, dy)  # noqa: E731
-                r = {"op": OP, "impl": name, "shape": list(shape), "dtype": str(dtype)[6:],
-                     "status": "ok"}
-                try:
+                def measure(r, fn=fn):
                     r["max_abs_diff_vs_fp32"] = (fn(h).float() - ref).abs().max().item()
-                    time_kernel(r, fwd, fwd_bwd, device, warmup, iters, tag=OP)
-                    ms = r["fwd_graph_ms"] or r["fwd_ms"]
-                    r["fwd_GBps"] = 3 * B * T * f * h.element_size() / (ms * 1e-3) / 1e9
-                except Exception as e:
-                    r["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-                rows.append(r)
+                    time_kernel(r, lambda: fn(h), lambda: torch.autograd.grad(fn(hg), hg, dy),
+                                device, warmup, iters, tag=OP)
+                    r["fwd_GBps"] = per_s(r, "fwd", 3 * B * T * f * h.element_size(), 1e9)
+                rows.append(kernel_row({"op": OP, "impl": name, "shape": list(shape),
+                                        "dtype": str(dtype)[6:]}, measure))
             base = rows[-len(impls):]
             add_speedups(base, next(r for r in base if r["impl"] == "torch"))
             del h, dy, hg, ref

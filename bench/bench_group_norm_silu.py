@@ -22,18 +22,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, TIMING_COLUMNS, add_speedups, environment, format_kernel_table, num, time_kernel
+from bench.common import (TIMING_COLUMNS, add_speedups, environment, format_kernel_table, kernel_device,
+                          kernel_dtypes, kernel_row, num, per_s, time_kernel)
 
 OP = "group_norm_silu"
 GROUPS, EPS = 32, 1e-5
 SHAPES = [(4, 320, 64, 64), (4, 640, 32, 32), (4, 1280, 16, 16)]  # [B, C, H, W]
 LAYOUTS = ("nchw", "nhwc")
-
-
-def _cuda_device() -> torch.device:
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"bench_{OP} needs a CUDA GPU")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _impls(C: int, device) -> dict:
@@ -53,9 +48,9 @@ def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 1
     """One row per (shape, dtype, layout, implementation). dtypes: names ('bf16', 'fp16',
     'fp32') or torch dtypes. device: CUDA by default; 'cpu' (with TRITON_INTERPRET=1 and tiny
     shapes) only checks the harness."""
-    device = torch.device(device) if device is not None else _cuda_device()
+    device = kernel_device(device, OP)
     shapes = shapes or SHAPES
-    dtypes = [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or ("bf16", "fp16"))]
+    dtypes = kernel_dtypes(dtypes, ("bf16", "fp16"))
     rows = []
     for shape in shapes:
         impls = _impls(shape[1], device)
@@ -70,18 +65,13 @@ def run(shapes=None, dtypes=None, layouts=None, iters: int = 50, warmup: int = 1
                 xg = x.detach().requires_grad_(True)
                 ref = impls["torch_fp32"](x).float()
                 for name, f in impls.items():
-                    fwd = lambda f=f: f(x)  # noqa: E731
-                    fwd_bwd = lambda f=f: torch.autograd.grad(f(xg), xg, dy)  # noqa: E731
-                    r = {"op": OP, "impl": name, "shape": list(shape), "dtype": str(dtype)[6:],
-                         "layout": layout, "status": "ok"}
-                    try:
+                    def measure(r, f=f):
                         r["max_abs_diff_vs_torch_fp32"] = (f(x).float() - ref).abs().max().item()
-                        time_kernel(r, fwd, fwd_bwd, device, warmup, iters, tag=OP)
-                        ms = r["fwd_graph_ms"] or r["fwd_ms"]
-                        r["fwd_GBps"] = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-                    except Exception as e:
-                        r["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-                    rows.append(r)
+                        time_kernel(r, lambda: f(x), lambda: torch.autograd.grad(f(xg), xg, dy),
+                                    device, warmup, iters, tag=OP)
+                        r["fwd_GBps"] = per_s(r, "fwd", 2 * x.numel() * x.element_size(), 1e9)
+                    rows.append(kernel_row({"op": OP, "impl": name, "shape": list(shape),
+                                            "dtype": str(dtype)[6:], "layout": layout}, measure))
                 base = rows[-len(impls):]
                 add_speedups(base, next(r for r in base if r["impl"] == "torch_fp32"))
                 del x, dy, xg, ref

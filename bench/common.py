@@ -377,6 +377,41 @@ def time_kernel(r: dict, fwd, fwd_bwd, device, warmup: int, iters: int, tag: str
     r["fwd_bwd_graph_ms"] = graph_ms(fwd_bwd, device, warmup, iters, tag=tag)
 
 
+def kernel_device(device, op: str) -> torch.device:
+    """Where a kernel bench runs: the current CUDA device by default (an error without one), an
+    int as a CUDA index; 'cpu' (TRITON_INTERPRET=1, tiny shapes) only checks the harness."""
+    if device is None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"bench_{op} needs a CUDA GPU")
+        device = torch.cuda.current_device()
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def kernel_dtypes(dtypes, default) -> list[torch.dtype]:
+    """Names ('bf16', 'fp16', 'fp32') or torch dtypes; `default` when None."""
+    return [DTYPES[d] if isinstance(d, str) else d for d in (dtypes or default)]
+
+
+def kernel_row(fields: dict, measure) -> dict:
+    """One implementation's row: `fields`, status "ok", then whatever measure(row) writes. An
+    exception becomes the status (its message's first line), so a backend or shape that cannot
+    run is reported and the bench goes on."""
+    r = {**fields, "status": "ok"}
+    try:
+        measure(r)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        r["status"] = f"error: {type(e).__name__}: {msg[:200]}"
+    return r
+
+
+def per_s(r: dict, key: str, amount: float, unit: float = 1.0) -> float | None:
+    """amount / the row's `key` time (graph replay when captured, else eager), in `unit`s per
+    second: e.g. per_s(r, "fwd", bytes, 1e9) is the forward's GB/s."""
+    ms = r.get(f"{key}_graph_ms") or r.get(f"{key}_ms")
+    return amount / (ms * 1e-3) / unit if ms else None
+
+
 def add_speedups(rows: list[dict], baseline: dict) -> None:
     """speedup_<timing> = baseline's time / the row's, for each of TIMINGS (None if either is missing)."""
     for r in rows:

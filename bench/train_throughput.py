@@ -306,7 +306,11 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
             rows.append(cap_row(plan, models, mode, False, None, cap, graph=False))
             continue
         graphed = mode == "low-vram"
-        variants = [(True, graphed)] + ([(False, graphed)] + [(True, False)] * graphed if plan.full else [])
+        variants = [(True, graphed)]                          # (channels_last, cuda graph)
+        if plan.full:
+            variants.append((False, graphed))
+            if graphed:
+                variants.append((True, False))
         for nhwc, graph in variants:
             rows.append(capped_row(plan, mode, nhwc, cap, graph))
     if plan.compile:

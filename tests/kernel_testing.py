@@ -8,6 +8,7 @@ and a compile-only JITFunction.run, so it runs in a child process. Exit 3: the h
 fit this triton version (skip), not a kernel error."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -22,6 +23,18 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # x ma
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 from process "
                                  "start: run by test_interpreted_in_subprocess")
+
+
+def kernel_module(name: str, cuda: bool = False):
+    """ti_fast.kernels.<name> for a test; skips without triton. cuda=True (tests at SD shapes):
+    also skips without a CUDA GPU, or when this process interprets (that would take hours)."""
+    pytest.importorskip("triton")
+    if cuda:
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        if INTERPRET:
+            pytest.skip("TRITON_INTERPRET=1 set for the whole process: SD shapes would take hours")
+    return importlib.import_module(f"ti_fast.kernels.{name}")
 
 
 def run_interpreted(test_file: str) -> None:

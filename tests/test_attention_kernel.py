@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import FLOOR, INTERPRET, interpreted, run_interpreted
+from kernel_testing import FLOOR, INTERPRET, interpreted, kernel_module, run_interpreted
 
 SMALL = {"fwd": dict(BLOCK_M=16, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=16),
          "dq": dict(BLOCK_M=16, BLOCK_N=16)}  # several blocks (and tails) at tiny shapes
@@ -28,20 +28,12 @@ SMALL = {"fwd": dict(BLOCK_M=16, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=1
 
 @pytest.fixture
 def fa():
-    pytest.importorskip("triton")
-    from ti_fast.kernels import attention as mod
-    return mod
+    return kernel_module("attention")
 
 
 @pytest.fixture
 def fa_cuda():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 set for the whole process: SD shapes would take hours")
-    from ti_fast.kernels import attention as mod
-    return mod
+    return kernel_module("attention", cuda=True)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting in this process")

@@ -18,25 +18,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_testing import FLOOR, INTERPRET, interpreted, run_interpreted
+from kernel_testing import FLOOR, INTERPRET, interpreted, kernel_module, run_interpreted
 
 
 @pytest.fixture
 def gg():
-    pytest.importorskip("triton")
-    from ti_fast.kernels import geglu as mod
-    return mod
+    return kernel_module("geglu")
 
 
 @pytest.fixture
 def gg_cuda():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if INTERPRET:
-        pytest.skip("TRITON_INTERPRET=1 set for the whole process: SD shapes would take hours")
-    from ti_fast.kernels import geglu as mod
-    return mod
+    return kernel_module("geglu", cuda=True)
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting in this process")

@@ -19,19 +19,15 @@ error must be <= 2x the reference's own error in the test dtype, plus a small fl
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from kernel_testing import FLOOR, INTERPRET, interpreted, run_interpreted
+from kernel_testing import FLOOR, INTERPRET, interpreted, kernel_module, run_interpreted
 
 
 @pytest.fixture
 def gn():
-    pytest.importorskip("triton")
-    from ti_fast.kernels import group_norm_silu as mod
-    return mod
+    return kernel_module("group_norm_silu")
 
 
 @pytest.mark.skipif(INTERPRET, reason="already interpreting in this process")
@@ -41,13 +37,7 @@ def test_interpreted_in_subprocess():
 
 @pytest.fixture
 def gn_cuda():
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 set for the whole process: SD shapes would take hours")
-    from ti_fast.kernels import group_norm_silu as mod
-    return mod
+    return kernel_module("group_norm_silu", cuda=True)
 
 
 def test_available():
