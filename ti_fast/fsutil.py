@@ -1,21 +1,34 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
-A crash mid-write never leaves a half-written file under the final name."""
+"""Files the safe way: atomic writes (a temp file in the same folder, fsync, then rename over the
+target, so a crash mid-write never leaves a half-written file under the final name), and the
+up-front checks that keep a run from hanging on a FIFO or dying late on a read-only folder.
+
+Nothing here opens a path it has not first `stat`ed as a regular file: opening a FIFO for
+reading blocks until a writer appears, and a device file can stream forever.
+"""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import DiskFullError, FileKindError
+
+# errno values that mean "no room": the save is refused, the previous file stays.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path beside `path`; on success it is renamed to `path`."""
+    """Yields a temporary path beside `path`; on success it is renamed to `path`. On any failure
+    (full disk included) the temporary file is removed and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file ordinary permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -29,8 +42,17 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be read
+    by setting it, which races with other threads writing files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -42,3 +64,76 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An OSError meaning 'no room' (ENOSPC, quota, RLIMIT_FSIZE's EFBIG)."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def disk_full_error(path, e: OSError) -> DiskFullError:
+    return DiskFullError(f"{path}: cannot write ({os.strerror(e.errno)}): free some space; "
+                         "the previous file is intact")
+
+
+# ----------------------------------------------------------------------------- what a path is
+
+def kind_of(path) -> str:
+    """'file', 'folder', 'missing', 'broken link', 'FIFO', 'socket', 'character device',
+    'block device' or 'special file' — from stat (symlinks followed), never by opening it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken link" if os.path.islink(path) else "missing"
+    except OSError:
+        return "missing"
+    m = st.st_mode
+    if stat.S_ISREG(m):
+        return "file"
+    if stat.S_ISDIR(m):
+        return "folder"
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(m):
+            return name
+    return "special file"
+
+
+def special_reason(path) -> str | None:
+    """None for a regular file (or folder); else why it must not be opened, e.g. 'a FIFO'."""
+    k = kind_of(path)
+    if k in ("file", "folder", "missing"):
+        return None
+    return "a broken symbolic link" if k == "broken link" else f"a {k}, not a regular file"
+
+
+def require_file(path, what: str = "file") -> Path:
+    """`path` as a Path when it is a regular file (or a link to one); else FileKindError naming
+    it. Missing files are left to the caller (its message knows what the file is for)."""
+    why = special_reason(path)
+    if why is not None:
+        raise FileKindError(f"{what} {path} is {why}: name a regular file")
+    return Path(path)
+
+
+def check_writable_dir(path, flag: str) -> Path:
+    """A folder that exists and is writable, or that can be created (its nearest existing
+    ancestor is a writable folder). Refuses files, special files and read-only places before
+    anything heavy runs; creates nothing."""
+    p = Path(path).expanduser()
+    k = kind_of(p)
+    if k == "folder":
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise FileKindError(f"{flag} {p}: the folder is not writable; choose another folder or fix its permissions")
+        return p
+    if k != "missing":
+        raise FileKindError(f"{flag} {p} is a {k if k != 'file' else 'file'}, not a folder: choose a folder")
+    parent = p.absolute().parent
+    while kind_of(parent) == "missing" and parent != parent.parent:
+        parent = parent.parent
+    pk = kind_of(parent)
+    if pk != "folder":
+        raise FileKindError(f"{flag} {p}: cannot be created, {parent} is a {pk}: choose another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FileKindError(f"{flag} {p}: cannot be created in {parent} (not writable): choose another folder")
+    return p

@@ -19,6 +19,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ti_fast.errors import UserError
 from ti_fast.fsutil import atomic_path
 
 # A1111 writes this fixed token id under string_to_token; nothing reads it back.
@@ -30,7 +31,7 @@ ONETRAINER_KEY = "emp_params"
 _KNOWN_WIDTHS = {768: "SD1.x / CLIP ViT-L", 1024: "SD2.x / OpenCLIP ViT-H", 1280: "SDXL clip_g"}
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(UserError):
     """One line naming the file and what is wrong with it."""
 
 

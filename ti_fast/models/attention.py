@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 # What auto prefers, fastest first where measured. triton is not in it: on an H200 (bf16, batch
 # 8, forward + backward, graphed) it beats SDPA's flash kernel 1.45x at the dominant SD1.5 shape
@@ -26,8 +28,8 @@ BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 AUTO_ORDER = ("xformers", "sdpa", "math")
 
 
-class AttentionBackendError(RuntimeError):
-    pass
+class AttentionBackendError(UserError, RuntimeError):
+    """An explicitly requested attention backend cannot run here."""
 
 
 def attention_math(q, k, v, causal: bool = False):

@@ -15,12 +15,14 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 _mode = {"name": os.environ.get("TI_FAST_KERNELS", "torch"), "triton": None}
 _recording = threading.local()   # .calls: inside record_calls() on this thread, see there
 
 
-class KernelError(RuntimeError):
-    pass
+class KernelError(UserError, RuntimeError):
+    """Explicitly requested kernels cannot run here."""
 
 
 def _load_triton():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..errors import UserError
 from ..models.vae import LATENT_SCALE
 from ..prompt import PromptTokenizer, encode
 from . import samplers as S
@@ -54,8 +55,8 @@ class GenerateResult:
     seeds: list
 
 
-class GenerateError(ValueError):
-    pass
+class GenerateError(UserError):
+    """A generation setting is wrong (one line naming the flag)."""
 
 
 def _noise_sampler(gens, x):

@@ -8,20 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class TrainError(Exception):
-    """Base of every error the trainer raises on purpose."""
+from ..errors import UserError, ConfigError, NonFiniteLossError, OutOfMemoryError  # noqa: F401
 
-
-class ConfigError(TrainError, ValueError):
-    """A setting is wrong; raised before anything is loaded."""
-
-
-class NonFiniteLossError(TrainError):
-    """Loss or gradient became NaN/inf; the last good vectors were saved."""
-
-
-class OutOfMemoryError(TrainError):
-    """The device ran out of memory; what was trained so far was saved."""
+TrainError = UserError          # the public name of the trainer's error base (ti_fast.TrainError)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "full")

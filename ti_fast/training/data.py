@@ -20,24 +20,19 @@ Behaviour vs A1111 (modules/textual_inversion/dataset.py):
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from ..errors import DataError
+from ..images import IMAGE_EXTS, caption_for, load_image  # noqa: F401  (re-exported)
 
 
-class DataError(ValueError):
-    """A problem with the training data the user must fix; the message is one line."""
-
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE_MODES = ("crop", "squash")
-# A1111's re_numbers_at_start: "001-a red car" -> "a red car" (numbering from dataset tools).
-_NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 _RESAMPLE = Image.Resampling.LANCZOS
 _REDUCING_GAP = 3.0
 
@@ -75,58 +70,7 @@ def list_images(data_dir, recursive: bool = False) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(d).as_posix())
 
 
-def caption_for(path, word_regex: str | None = None, join: str = " ") -> str:
-    """Caption of an image: the whole text of `<stem>.txt` beside it (stripped), else the file
-    stem with leading digits/dashes/spaces removed. With `word_regex` (A1111's "filename word
-    regex") the stem is reduced to its matches joined by `join` (A1111's default join is " ")."""
-    path = Path(path)
-    txt = path.with_suffix(".txt")
-    if txt.is_file():
-        try:
-            return txt.read_text(encoding="utf-8-sig").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read caption {txt}: {e}; save it as UTF-8 text") from None
-    text = _NUMBERS_AT_START.sub("", path.stem)
-    if word_regex:
-        text = join.join(re.findall(word_regex, text))
-    return text
-
-
 # ----------------------------------------------------------------------------- pixels
-
-def _grey_to_l(im: Image.Image) -> Image.Image:
-    # Pillow's I/F -> L conversion clips at 255 instead of scaling: 16-bit greys become white.
-    a = np.asarray(im, dtype=np.float32)
-    if im.mode.startswith("I;16") or a.max(initial=0) > 255:
-        a = a / 257.0
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-
-
-def load_image(path, alpha_weight: bool = False) -> tuple[Image.Image, np.ndarray | None]:
-    """-> (RGB image, alpha float32 [H, W] in [0, 1] or None), EXIF orientation applied.
-    Transparency (RGBA, LA, palette/grey/RGB with a transparent colour) is composited on white;
-    the alpha is returned only when `alpha_weight` and the image has transparency information."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I") or im.mode == "F":
-            im = _grey_to_l(im)
-        has_alpha = "A" in im.getbands() or im.mode in ("RGBa", "La") or "transparency" in im.info
-        alpha = None
-        if has_alpha:
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            if alpha_weight:
-                alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
-        else:
-            rgb = im.convert("RGB")
-    except Exception as e:  # Pillow raises many types on corrupt files; all mean "unusable"
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; re-save or remove it") from None
-    return rgb, alpha
-
 
 def _source_box(w: int, h: int, W: int, H: int, mode: str) -> tuple[float, float, float, float]:
     """Region of the w×h source that maps onto the W×H output (sub-pixel, for Image.resize)."""

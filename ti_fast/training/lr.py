@@ -22,8 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(ConfigError):
     """A malformed schedule; the one-line message quotes the bad entry."""
 
 
