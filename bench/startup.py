@@ -128,7 +128,7 @@ def generation(model, device: torch.device, size: int, steps: int) -> dict:
     """sample_images (the trainer's previews and `ti-fast generate`): one image, Euler, CFG 7,
     `steps` steps, VAE decode. Peak = everything allocated, weights included."""
     from ti_fast.prompt import PromptTokenizer
-    from ti_fast.sample.generate import sample_images
+    from ti_fast.diffusion.sampling import sample_images
     width = model.text_encoder.config.width
     ptok = PromptTokenizer(model.tokenizer, {TOKEN: 1})
     vec = torch.randn(1, width, generator=torch.Generator().manual_seed(0)) * 0.02

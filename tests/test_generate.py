@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from ti_fast.cli import main
-from ti_fast.sample.generate import GenerateConfig, generate, decode_latents
-from ti_fast.sample.infotext import parse_infotext
+from ti_fast.sample.generate import GenerateConfig, generate
+from ti_fast.diffusion.sampling import decode_latents
+from ti_fast.infotext import parse_infotext
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_cli_generate_writes_pngs_with_infotext(tiny_single, tmp_path):
 
 
 def test_schedule_labels():
-    from ti_fast.sample.samplers import schedule_label
+    from ti_fast.diffusion.samplers import schedule_label
     assert schedule_label("dpmpp_2m", None) == "Karras" and schedule_label("dpmpp_2m", False) == "Uniform"
     assert schedule_label("euler_a", None) == "Automatic" and schedule_label("euler", True) == "Karras"
     assert schedule_label("ddim", None) == "Automatic"

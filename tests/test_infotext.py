@@ -2,7 +2,7 @@
 import pytest
 from PIL import Image
 
-from ti_fast.sample.infotext import (make_infotext, parse_infotext, parse_ti_hashes, quote,
+from ti_fast.infotext import (make_infotext, parse_infotext, parse_ti_hashes, quote,
                                      read_png_infotext, write_png_with_infotext)
 
 BASE = dict(steps=20, sampler="DPM++ 2M", schedule_type="Karras", cfg_scale=7.0, seed=123,

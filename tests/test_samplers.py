@@ -12,9 +12,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler)
 
 from ti_fast.models.unet import UNet, UNetConfig
-from ti_fast.sample import schedule
-from ti_fast.sample.denoiser import CFGDenoiser, EpsDenoiser
-from ti_fast.sample.samplers import (SAMPLERS, make_sigmas, sample_ddim, sample_dpmpp_2m,
+from ti_fast.diffusion import schedule
+from ti_fast.diffusion.denoiser import CFGDenoiser, EpsDenoiser
+from ti_fast.diffusion.samplers import (SAMPLERS, make_sigmas, sample_ddim, sample_dpmpp_2m,
                                      sample_euler, sample_euler_ancestral, schedule_label,
                                      start_sigma)
 

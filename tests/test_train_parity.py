@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from ti_fast.loading import load_model                      # noqa: E402
 from ti_fast.prompt import PromptTokenizer                  # noqa: E402
-from ti_fast.sample.schedule import alphas_cumprod          # noqa: E402
+from ti_fast.diffusion.schedule import alphas_cumprod          # noqa: E402
 from ti_fast.training.step import MicroBatch, TrainStep        # noqa: E402
 
 PROMPTS = ["a photo of tok", "tok, a painting"]

@@ -5,7 +5,7 @@ import sys
 
 
 def add_generate_parser(sub):
-    from .samplers import SAMPLERS
+    from ..diffusion.samplers import SAMPLERS
     g = sub.add_parser("generate", help="txt2img with embeddings; PNGs carry A1111 infotext")
     g.add_argument("--model", required=True, help="SD1.x checkpoint file or folder")
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")

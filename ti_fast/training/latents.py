@@ -111,16 +111,3 @@ def encode_dataset(vae, items, *, device, mode: str, generator: torch.Generator,
                 with atomic_path(cdir / f"{keys[i]}.safetensors") as tmp:
                     save_file(d, str(tmp))
     return out
-
-
-@torch.no_grad()
-def grey_latent(vae, height: int, width: int, device) -> torch.Tensor:
-    """Scaled latent of a mid-grey image (0 in [-1, 1]): A1111's inpainting conditioning
-    when there is no mask to give. [1, 4, h, w] fp32."""
-    x = torch.zeros(1, 3, height, width, device=device)
-    return vae.encode(x).mean.float() * LATENT_SCALE
-
-
-def inpaint_concat(grey: torch.Tensor) -> torch.Tensor:
-    """[1, 5, h, w]: a mask of ones (everything to paint) then the grey image's latent."""
-    return torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)

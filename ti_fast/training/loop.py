@@ -454,7 +454,8 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
 def _cache_latents(cfg, vae, items, device, dtype, seed, model, unet, warm, say):
     """Latents of every image (once, through the VAE), the alpha-channel loss weights and the
     inpainting models' conditioning: (latents, weights or None, {size: c_concat})."""
-    from .latents import encode_dataset, grey_latent, inpaint_concat
+    from .latents import encode_dataset
+    from ..diffusion.conditioning import grey_latent, inpaint_concat
     say(f"ti-fast: {len(items)} images; caching latents ({cfg.latents}{', flipped too' if cfg.flip else ''})")
     if warm is not None:
         warm.wait("vae")                   # the encoder's kernels: compiled in parallel, not one by one

@@ -20,7 +20,7 @@ class Previewer:
         self.tiles: list[tuple[int, object]] = []
         self.c_concat = None
         if model.unet.config.in_channels == 9:
-            from .latents import grey_latent, inpaint_concat
+            from ..diffusion.conditioning import grey_latent, inpaint_concat
             vae = model.vae
             home = vae.quant_conv.weight.device
             vae.to(device)
@@ -28,9 +28,9 @@ class Previewer:
             vae.to(home)
 
     def __call__(self, step: int, vectors: torch.Tensor, emb) -> Path | None:
-        from ..sample.generate import sample_images, to_pil, VERSION
-        from ..sample import samplers as S
-        from ..sample.infotext import make_infotext, write_png_with_infotext
+        from ..diffusion import samplers as S
+        from ..diffusion.sampling import sample_images, to_pil
+        from ..infotext import VERSION, make_infotext, write_png_with_infotext
         cfg, m = self.cfg, self.model
         was = m.unet.training
         imgs, _ = sample_images(m, self.ptok, vectors.detach().clone(), self.prompt, cfg.preview_negative,
@@ -71,5 +71,5 @@ class Previewer:
             x, y = (i % cols) * w, (i // cols) * (h + 14)
             grid.paste(img, (x, y + 14))
             d.text((x + 2, y + 1), f"step {step}", fill="black")
-        from ..sample.infotext import write_png_with_infotext
+        from ..infotext import write_png_with_infotext
         return write_png_with_infotext(grid, self.images_dir / f"{self.name}-grid.png", infotext)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..prompt import emphasize
-from ..sample.schedule import alphas_cumprod as _alphas_cumprod
+from ..diffusion.schedule import alphas_cumprod as _alphas_cumprod
 
 
 @dataclass

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ti_fast.fsutil import atomic_path
+from . import __version__
+from .fsutil import atomic_path
 
+VERSION = f"ti-fast v{__version__}"     # the infotext's "Version" value
 # A1111 infotext_utils.re_param: `key: value` where value is a JSON string or runs to a comma.
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 PARAMETERS_KEY = "parameters"
