@@ -90,11 +90,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    plan = make_plan(argparse.Namespace(tiny=args.tiny, device=args.device, full=False, compile=False, quiet=True))
-    from ti_fast.models import ops
-    kernels = ops.set_kernels("auto", verbose=False) if plan.device.type == "cuda" else "torch"
+    plan = make_plan(argparse.Namespace(tiny=args.tiny, device=args.device, full=False, compile=False,
+                                        compile_only=False, batches=None, quiet=True))
     models = TiFastModels(plan)
-    out = {"env": C.environment(plan.device), "kernels": kernels, "attention": models.attention, "profiles": []}
+    out = {"env": C.environment(plan.device), "kernels": models.kernels, "attention": models.attention, "profiles": []}
     modes = ("eager", "cuda-graph") if plan.device.type == "cuda" else ("eager",)
     for mode in modes:
         for b in sorted(plan.batches, reverse=True):

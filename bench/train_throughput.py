@@ -10,9 +10,10 @@ in one process on one GPU, at 512 px with SD1.5 shapes (random weights).
 Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset just before the
 row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x samples/s / the bf16
 8192^3 matmul rate measured in this run; ratio to the peer at the same batch):
-  ti-fast eager          TrainStep from ti_fast.training.step; UNet + text encoder bf16; cached
-                         latents (the VAE is absent, as after the trainer's caching); Triton ops
-  ti-fast cuda-graph     the same step through ti_fast.training.graph.GraphedStep
+  ti-fast eager          the trainer's own step builder (ti_fast.training.step.build_step) over an
+                         embedding's vectors; UNet + text encoder bf16; cached latents (the VAE is
+                         absent, as after the trainer's caching); Triton ops
+  ti-fast cuda-graph     the same step, build_step(cuda_graph=True): its CUDA-graph replay
   ... + channels_last    the graphed step with ti_fast.training.accel.ChannelsLast (NHWC convs):
                          the trainer's default on CUDA
   ..., torch ops         the default with PyTorch's GroupNorm/SiLU/GEGLU: what the Triton kernels buy
@@ -47,7 +48,8 @@ import torch
 
 from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig, VAEConfig, set_attention_backend
 from ti_fast.models import ops
-from ti_fast.training.step import TrainStep, MicroBatch
+from ti_fast.training.step import MicroBatch, build_step
+from ti_fast.training.trainable import EmbeddingTrainable
 from ti_fast.training.lowvram import checkpoint_blocks
 from ti_fast.training.offload import Offloader
 from ti_fast.training.accel import ChannelsLast, compile_unet
@@ -104,6 +106,8 @@ class TiFastModels:
         self.te = C.build(lambda: CLIPTextEncoder(ccfg), plan.device, plan.dtype)
         self.attention = set_attention_backend(self.unet, "auto", plan.device, verbose=False)
         set_attention_backend(self.te, "sdpa", plan.device, verbose=False)
+        # the trainer's default on CUDA: Triton GroupNorm/GEGLU (ops "auto"), chosen for this model
+        self.kernels = ops.set_kernels(self.unet, "auto" if plan.device.type == "cuda" else "torch", verbose=False)
 
 
 def micro_batch(plan: Plan, te: CLIPTextEncoder, b: int, seed: int = 0) -> MicroBatch:
@@ -134,15 +138,15 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
     unet.set_gradient_checkpointing(mode == "low-vram", checkpoint_blocks(unet) if mode == "low-vram" else None)
     nhwc = ChannelsLast(unet).attach() if channels_last else None
     off = None
-    step = None
+    built = None
     if attention is not None:
         set_attention_backend(unet, attention, plan.device, verbose=False)
 
     def restore():
         if attention is not None:
             set_attention_backend(unet, models.attention, plan.device, verbose=False)
-        if hasattr(step, "reset"):
-            step.reset()                               # free the graphs' pool before the next row
+        if built is not None:
+            built.reset()                              # free the graphs' pool before the next row
         if off is not None:
             off.detach()                               # the weights return to the device
         if nhwc is not None:
@@ -158,13 +162,14 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
             C.reset_peak(plan.device)
         u = compile_unet(unet) if mode == "compile" else unet
         width = models.te.config.width
-        vectors = torch.nn.Parameter(torch.randn(1, width, device=plan.device) * 0.02)
-        opt = torch.optim.AdamW([vectors], lr=LR, weight_decay=0.0)
+        trainable = EmbeddingTrainable(torch.randn(1, width, device=plan.device) * 0.02)
         gen = torch.Generator(device=plan.device).manual_seed(0)
-        step = TrainStep(u, models.te, vectors, opt, generator=gen)
-        if graph if graph is not None else mode == "cuda-graph":
-            from ti_fast.training.graph import GraphedStep
-            step = GraphedStep(step, say=plan.say)
+        want_graph = graph if graph is not None else mode == "cuda-graph"
+        # the trainer's own step builder: AdamW, the eager step, its CUDA-graph replay
+        built = build_step(u, models.te, trainable, lr=LR, generator=gen, cuda_graph=want_graph, say=plan.say)
+        if want_graph and not built.graphed:
+            raise RuntimeError("the step could not be captured in a CUDA graph")
+        step, opt = built.fn, built.optimizer
         mb = [micro_batch(plan, models.te, b)]
     except BaseException:
         restore()
@@ -260,9 +265,8 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
     attention = models.attention
     rows = []
     batches = sorted(set(plan.batches) | ({4} if plan.full and not plan.tiny else set()))
-    # The trainer's defaults on CUDA: graph + channels_last + Triton kernels (ops "auto"). Set here
-    # explicitly: run_startup's train() call set the process-wide choice from its own config.
-    kernels = ops.set_kernels("auto", verbose=False) if cuda else "torch"
+    # The trainer's defaults on CUDA: graph + channels_last + Triton kernels (ops "auto", per model).
+    kernels = models.kernels
     for b in batches:
         rows.append(measure(plan, "ti-fast eager", "ti-fast", "eager", b, lambda: ti_step(models, plan, b, "eager")))
     for b in batches:
@@ -277,12 +281,12 @@ def ti_rows(plan: Plan) -> tuple[list[dict], float | None, str]:
                                   channels_last=nhwc))
     if cuda and kernels == "triton":
         # the default with PyTorch's GroupNorm/SiLU/GEGLU instead: does each Triton kernel earn its place?
-        ops.set_kernels("torch", verbose=False)
+        ops.set_kernels(models.unet, "torch", verbose=False)
         for b in batches:
             r = measure(plan, "ti-fast cuda-graph + channels_last, torch ops", "ti-fast", "cuda-graph", b,
                         lambda: ti_step(models, plan, b, "cuda-graph", channels_last=True))
             rows.append(dict(r, channels_last=True, kernels="torch"))
-        ops.set_kernels("auto", verbose=False)
+        ops.set_kernels(models.unet, "auto", verbose=False)
     if cuda and plan.full:
         # ti_fast.kernels.attention in the default step (auto keeps SDPA: cuDNN wins at head dim 40)
         for b in batches:
@@ -383,7 +387,6 @@ def child_row(args) -> int:
                                         compile_only=False, batches=None, quiet=True))
     if plan.device.type == "cuda":
         lean_allocator()
-    ops.set_kernels("auto", verbose=False)
     models = TiFastModels(plan)
     C.free_memory(plan.device)
     r = cap_row(plan, models, args.row, args.channels_last, args.cap, args.cap, graph=args.graph)
@@ -468,7 +471,7 @@ def run(plan: Plan) -> dict:
     t_start = time.perf_counter()
     context = C.cuda_context_bytes(dev)                # before anything is allocated
     env = C.environment(dev)
-    env["ti_fast_kernels"] = ops.set_kernels("auto", verbose=False) if dev.type == "cuda" else "torch"
+    env["ti_fast_kernels"] = "triton" if dev.type == "cuda" and ops.fused_ops("auto", verbose=False) else "torch"
     matmul = C.matmul_peak_flops(dev)
     plan.say(f"bench: {env['gpu']}: matmul peak {matmul['flops'] / 1e12:.1f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)")
     if plan.compile_only:

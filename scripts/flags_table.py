@@ -24,5 +24,18 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def write_readme(path: str = "README.md") -> None:
+    """Replace the README's train-flags table (from its header row to the first blank line)."""
+    from pathlib import Path
+    text = Path(path).read_text(encoding="utf-8")
+    start = text.index("| flag | default | what it does |")
+    end = text.index("\n\n", start)
+    Path(path).write_text(text[:start] + table() + text[end:], encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(table())
+    import sys
+    if "--write" in sys.argv:
+        write_readme()
+    else:
+        print(table())

@@ -148,18 +148,17 @@ def test_gpu_channels_last_matches_nchw(kernels):
     """On CUDA the NHWC path is cuDNN's NHWC convs and, with --kernels triton, the GroupNorm
     kernel's channels-last variant: same outputs and context gradient as NCHW (fp32, no TF32)."""
     from ti_fast.models import ops
-    prev = ops._mode["name"], torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        assert ops.set_kernels(kernels, verbose=False) == kernels
         unet = tiny_models(0)[0].cuda()
+        assert ops.set_kernels(unet, kernels, verbose=False) == kernels
         x, t, ctx = (v.cuda() for v in _inputs())
         ctx = ctx.detach().requires_grad_(True)
         y0, g0 = _fwd_bwd(unet, x, t, ctx)
         ChannelsLast(unet).attach()
         y1, g1 = _fwd_bwd(unet, x, t, ctx)
     finally:
-        ops.set_kernels(prev[0], verbose=False)
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev[1:]
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
     assert y1.is_contiguous(memory_format=NHWC)
     assert _rel(y1, y0) <= 1e-5 and _rel(g1, g0) <= 1e-5, (_rel(y1, y0), _rel(g1, g0))

@@ -108,3 +108,14 @@ def test_results_path_keeps_earlier_runs(tmp_path):
     a = C.write_results(tmp_path, {"env": env, "rows": []})
     b = C.write_results(tmp_path, {"env": env, "rows": []})
     assert a != b and a.exists() and b.exists() and "nvidia-h100-80gb-hbm3" in a.name
+
+
+def test_profile_step_tiny_runs():
+    """python -m bench.profile_step --tiny: the step profiler builds the trainer's step and runs."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "bench.profile_step", "--tiny"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["kernels"] == "torch" and out["profiles"]
+    assert all(r.get("kernels_per_step", 0) > 0 for r in out["profiles"]), out["profiles"]

@@ -193,21 +193,17 @@ def test_interpreted_through_ops_dispatch(gn):
     """ti_fast.models.ops calls the kernel with its own signature (CPU tensors go to Triton
     when TRITON_INTERPRET=1): same result as its torch path, output and every gradient."""
     from ti_fast.models import ops
-    prev = ops._mode["name"]
     norm = torch.nn.GroupNorm(4, 20, eps=1e-6)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     torch.nn.init.uniform_(norm.bias, -0.3, 0.3)
     x = torch.randn(2, 20, 3, 5).to(memory_format=torch.channels_last)
     results = []
-    try:
-        for mode in ("triton", "torch"):
-            assert ops.set_kernels(mode, verbose=False) == mode
-            xi = x.detach().requires_grad_(True)
-            y = ops.group_norm(xi, norm, silu=True)
-            grads = torch.autograd.grad(y, (xi, norm.weight, norm.bias), torch.ones_like(y))
-            results.append((y, *grads))
-    finally:
-        ops.set_kernels(prev, verbose=False)
+    for mode in ("triton", "torch"):
+        assert ops.set_kernels(norm, mode, verbose=False) == mode
+        xi = x.detach().requires_grad_(True)
+        y = ops.group_norm(xi, norm, silu=True)
+        grads = torch.autograd.grad(y, (xi, norm.weight, norm.bias), torch.ones_like(y))
+        results.append((y, *grads))
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 

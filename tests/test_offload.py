@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ti_fast.loading.tiny import tiny_models
-from ti_fast.training.config import ConfigError, TrainConfig, validate
+from ti_fast.training.config import ConfigError, TrainConfig
+from ti_fast.training.preflight import validate
 from ti_fast.training.offload import Offloader, streamed_blocks
 from ti_fast.training.step import MicroBatch, TrainStep
 

@@ -49,10 +49,10 @@ from ti_fast.models import UNet, ops
 from ti_fast.loading.tiny import TINY_UNET
 from ti_fast.training import prewarm
 from ti_fast.kernels.precompile import run_task
-ops.set_kernels("triton")
-ops._triton_for = lambda x: ops._mode["triton"]      # CPU tensors through the (compile-only) kernels
+ops._on_device = lambda x: True      # CPU tensors through the (compile-only) kernels
 for cl in (False, True):
     unet = UNet(TINY_UNET).to(torch.bfloat16).requires_grad_(False)
+    ops.set_kernels(unet, "triton")
     fmt = torch.channels_last if cl else torch.contiguous_format
     unet = unet.to(memory_format=fmt)
     tasks = prewarm.tasks_for(prewarm.unet_calls(unet, 2, (16, 16), torch.bfloat16), channels_last=cl)
@@ -81,25 +81,22 @@ def test_precompile_on_cuda_leaves_nothing_to_compile_at_the_first_step():
     pytest.importorskip("triton")
     from ti_fast.models import ops
     dev = torch.device("cuda")
-    before = ops._mode["name"]
-    ops.set_kernels("triton")
-    try:
-        unet = UNet(TINY_UNET).to(dev, torch.bfloat16).requires_grad_(False)
-        vae = VAE(TINY_VAE).to(dev, torch.bfloat16).requires_grad_(False)
-        lines = []
-        pw = prewarm.start(unet, vae, device=dev, batch=2, image_hw=(64, 64), dtype=torch.bfloat16,
-                           channels_last=False, say=lines.append)
-        n_vae, n_unet = pw.wait("vae"), pw.wait("unet")
-        pw.close()
-        assert n_vae > 0 and n_unet > 0, lines
-        assert not lines, lines
-        with count_compiles() as n:
-            vae.encode(torch.randn(4, 3, 64, 64, device=dev))
-            ctx = torch.randn(2, 77, TINY_UNET.context_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            h = 64 // vae.downscale
-            unet(torch.randn(2, 4, h, h, device=dev, dtype=torch.bfloat16), torch.tensor([1, 2], device=dev),
-                 ctx).float().sum().backward()
-            torch.cuda.synchronize()
-        assert n["compiles"] == 0
-    finally:
-        ops.set_kernels(before, verbose=False)
+    unet = UNet(TINY_UNET).to(dev, torch.bfloat16).requires_grad_(False)
+    vae = VAE(TINY_VAE).to(dev, torch.bfloat16).requires_grad_(False)
+    ops.set_kernels(unet, "triton")
+    ops.set_kernels(vae, "triton")
+    lines = []
+    pw = prewarm.start(unet, vae, device=dev, batch=2, image_hw=(64, 64), dtype=torch.bfloat16,
+                       channels_last=False, say=lines.append)
+    n_vae, n_unet = pw.wait("vae"), pw.wait("unet")
+    pw.close()
+    assert n_vae > 0 and n_unet > 0, lines
+    assert not lines, lines
+    with count_compiles() as n:
+        vae.encode(torch.randn(4, 3, 64, 64, device=dev))
+        ctx = torch.randn(2, 77, TINY_UNET.context_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        h = 64 // vae.downscale
+        unet(torch.randn(2, 4, h, h, device=dev, dtype=torch.bfloat16), torch.tensor([1, 2], device=dev),
+             ctx).float().sum().backward()
+        torch.cuda.synchronize()
+    assert n["compiles"] == 0

@@ -75,7 +75,7 @@ def test_previews_do_not_disturb_training(tiny_single, tmp_path):
     emb_png = b.log_dir / "image_embeddings" / "tok-4.png"
     assert "Sampler: Euler a" in Image.open(emb_png).text["parameters"]
     e = read_embedding(emb_png)
-    assert e.name == "tok" and e.step == 4 and torch.equal(e.vectors, vb)
+    assert e.name == "tok-4" and e.step == 4 and torch.equal(e.vectors, vb)   # A1111: NAME-STEP
 
 
 def test_learning_reduces_loss_on_fixed_pairs(tmp_path):

@@ -66,7 +66,8 @@ def test_fp16_scaling_clips_unscaled_gradients(tiny_single):
 
 
 def test_clip_grad_value_and_schedule(tiny_single, tmp_path):
-    from ti_fast.training.config import ConfigError, parse_clip_grad
+    from ti_fast.training.config import ConfigError
+    from ti_fast.training.lr import parse_clip_grad
     mode, sched = parse_clip_grad("norm:0.1:3, 0.05", 10)
     assert mode == "norm" and sched.rate(0) == 0.1 and sched.rate(3) == 0.05
     for bad in ("norm:abc", "size:1", "value:-1", "value:"):

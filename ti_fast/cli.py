@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
+import traceback
+
+from .errors import RunCrashed, UserError, one_line
 
 # (section, field, help). Defaults come from TrainConfig; booleans are switches.
 TRAIN_FLAGS = [
@@ -53,6 +58,9 @@ TRAIN_FLAGS = [
     ("optimisation", "compile", "torch.compile the UNet (faster steps after minutes of compiling; time in settings)"),
     ("optimisation", "channels_last", "CUDA: UNet convs and activations in NHWC memory order; "
      "--no-channels-last turns it off"),
+    ("optimisation", "threads", "CPU threads for torch (default: OMP_NUM_THREADS if set, else half the cores "
+     "this process may use; set by the CLI, never inside train())"),
+    ("optimisation", "allow_huge_lr", "accept learning rates over 1 (refused otherwise: usually a typo)"),
     ("outputs", "out", "folder for NAME.pt and NAME.safetensors"),
     ("outputs", "log_dir", "log folder (None: ./ti-logs/NAME)"),
     ("outputs", "save_every", "save embeddings/NAME-STEP.pt and the resumable state every N steps (0 = end only)"),
@@ -101,28 +109,52 @@ def add_train_args(p: argparse.ArgumentParser):
 
 
 def cmd_train(a) -> int:
-    from .training.config import TrainConfig, TrainError
+    from .training.config import TrainConfig
     from .training.loop import train
     over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
     if getattr(a, "no_half", False):
         over["precision"] = "full"
-    try:
-        if a.demo:
-            from .training.demo import demo_config
-            cfg = demo_config(**over)
-        elif a.config:
-            cfg = TrainConfig.from_toml(a.config, **over)
-        else:
-            cfg = TrainConfig(**over)
-        res = train(cfg, handle_signals=True)
-    except TrainError as e:
-        print(f"ti-fast: error: {e}", file=sys.stderr)
-        return 2
+    if a.demo:
+        from .training.demo import demo_config
+        cfg = demo_config(**over)
+    elif a.config:
+        cfg = TrainConfig.from_toml(a.config, **over)
+    else:
+        cfg = TrainConfig(**over)
+    process_settings(cfg)
+    res = train(cfg, handle_signals=True)
     return 0 if res.status == "completed" else 130
 
 
+def default_threads() -> int:
+    """Half the cores this process may use (at least 1): the UNet's CPU kernels scale poorly
+    past that, and on a shared machine spinning OpenMP workers on every core slow everyone down
+    (the demo on a busy 2-core machine: 48-125 s with all threads, 7.5 s with one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def process_settings(cfg) -> None:
+    """What a run changes for the whole process, done here at the CLI's entry and never inside
+    train(): torch's CPU thread count (--threads, else OMP_NUM_THREADS as torch read it, else
+    default_threads()) and, for --low-vram/--offload on CUDA, expandable allocator segments."""
+    import torch
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads())
+    if (cfg.low_vram or cfg.offload) and torch.cuda.is_available():
+        from .training.lowvram import lean_allocator
+        lean_allocator()
+
+
 def cmd_make_tiny(a) -> int:
+    from .fsutil import check_writable_dir
     from .loading import make_tiny
+    check_writable_dir(a.out_dir, "make-tiny DIR")
     path = make_tiny(a.out_dir, layout=a.layout, seed=a.seed)
     print(path)
     return 0
@@ -154,7 +186,7 @@ def cmd_create(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="ti-fast", description="Fast, lean textual-inversion training for SD 1.x")
+    p = Parser(prog="ti-fast", description="Fast, lean textual-inversion training for SD 1.x")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train an embedding")
@@ -186,7 +218,43 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):
         a.demo = False
-    return a.func(a)
+    return run_command(a.func, a)
+
+
+def run_command(func, a) -> int:
+    """Run a command's function; every way it can fail becomes ONE line on stderr: a UserError
+    (bad input, a stopped run) exits 2; a bug exits 1 with the path of its full traceback
+    (the trainer writes it into the log folder, elsewhere a temporary file); Ctrl-C exits 130."""
+    try:
+        return func(a)
+    except UserError as e:
+        _say(f"ti-fast: error: {e}")
+        return e.exit_code
+    except RunCrashed as e:
+        _say(f"ti-fast: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _say("ti-fast: interrupted")
+        return 130
+    except Exception as e:
+        fd, path = tempfile.mkstemp(prefix="ti-fast-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception(e)))
+        _say(one_line(f"ti-fast: internal error: {type(e).__name__}: {e} (full traceback in {path}; "
+                      "please report it)", 2000))
+        return 1
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in ONE line on stderr and exits 2 (argparse's own error
+    prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"ti-fast: error: {one_line(message)} (see `{self.prog} --help`)\n")
 
 
 if __name__ == "__main__":

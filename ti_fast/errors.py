@@ -31,14 +31,15 @@ class UserError(ValueError):
 
 
 class ConfigError(UserError):
-    """A setting or flag is wrong; raised before anything heavy is loaded."""
+    """A refusal before a run starts: a setting, a flag or an input file is wrong. Every
+    refusal of an input (data, model, embedding, hypernetwork files) derives from it."""
 
 
-class DataError(UserError):
+class DataError(ConfigError):
     """A problem with the training data (images, captions, templates)."""
 
 
-class FileKindError(UserError):
+class FileKindError(ConfigError):
     """A path that is not what it must be: a FIFO, socket or device named as a file, a file
     where a folder is needed, a folder that cannot be written."""
 
@@ -57,3 +58,12 @@ class OutOfMemoryError(RunError):
 
 class DiskFullError(RunError):
     """A save hit a full disk or a file-size limit; the previous files are intact."""
+
+
+class RunCrashed(RuntimeError):
+    """Not a user error: a bug stopped a run. The run was saved; the message is one line and the
+    full traceback is in the file `traceback_path` (the CLI prints the line and exits 1)."""
+
+    def __init__(self, message: str, traceback_path=None):
+        super().__init__(one_line(message))
+        self.traceback_path = traceback_path

@@ -85,7 +85,7 @@ def kind_of(path) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         return "broken link" if os.path.islink(path) else "missing"
-    except OSError:
+    except (OSError, ValueError):     # ValueError: a NUL byte in the name
         return "missing"
     m = st.st_mode
     if stat.S_ISREG(m):

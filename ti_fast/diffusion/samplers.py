@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
+from ..errors import ConfigError
+
 from . import schedule
 
 
@@ -135,6 +137,26 @@ SAMPLERS = {
     # A1111 1.10 merged "DPM++ 2M Karras" into "DPM++ 2M" with Karras as its default schedule.
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m, "DPM++ 2M", "karras"),
 }
+
+
+# A1111's older labels that name one of ours (before 1.10 the schedule was part of the name).
+_OLD_LABELS = {"dpm++ 2m karras": "dpmpp_2m", "k_euler_a": "euler_a", "k_euler": "euler"}
+
+
+def sampler_key(name, flag: str = "--sampler", error=ConfigError) -> str:
+    """Our key for a sampler given by key ("euler_a") or by A1111's label ("Euler a",
+    "DPM++ 2M", any case); `error` (a ConfigError) listing both forms otherwise."""
+    text = str(name).strip()
+    if text in SAMPLERS:
+        return text
+    low = text.lower()
+    for key, info in SAMPLERS.items():
+        if low in (key, info.label.lower()):
+            return key
+    if low in _OLD_LABELS:
+        return _OLD_LABELS[low]
+    allowed = ", ".join(f"{k} ({i.label!r})" for k, i in SAMPLERS.items())
+    raise error(f"{flag} {name!r}: unknown sampler; choose one of {allowed}")
 
 
 def _info(sampler_name: str) -> SamplerInfo:

@@ -11,6 +11,7 @@ runs with weights_only=True and only `torch.nn.ParameterDict` is allowed beyond 
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ti_fast.errors import UserError
-from ti_fast.fsutil import atomic_path
+from ti_fast.errors import ConfigError
+from ti_fast.fsutil import atomic_path, atomic_write_bytes
 
 # A1111 writes this fixed token id under string_to_token; nothing reads it back.
 A1111_TOKEN_ID = 265
@@ -31,7 +32,7 @@ ONETRAINER_KEY = "emp_params"
 _KNOWN_WIDTHS = {768: "SD1.x / CLIP ViT-L", 1024: "SD2.x / OpenCLIP ViT-H", 1280: "SDXL clip_g"}
 
 
-class EmbeddingError(UserError):
+class EmbeddingError(ConfigError):
     """One line naming the file and what is wrong with it."""
 
 
@@ -231,11 +232,22 @@ def read_tensor_file(path, width: int | None = None) -> Embedding:
     return embedding_from_data(data, path, name=path.stem, width=width)
 
 
+def pt_bytes(emb: Embedding) -> bytes:
+    """The bytes of A1111's .pt for `emb` (torch.save output is deterministic)."""
+    buf = io.BytesIO()
+    torch.save(embedding_to_a1111_dict(emb), buf)
+    return buf.getvalue()
+
+
+def pt_shorthash(emb: Embedding) -> str:
+    """A1111's TI hash (first 12 hex of the file's sha256) of the .pt that save_pt writes."""
+    return hashlib.sha256(pt_bytes(emb)).hexdigest()[:12]
+
+
 def save_pt(emb: Embedding, path) -> Path:
     """Writes A1111's .pt dict exactly (CPU float32 vectors, no grad), atomically."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(embedding_to_a1111_dict(emb), tmp)
+    atomic_write_bytes(path, pt_bytes(emb))
     emb.path = path
     return path
 

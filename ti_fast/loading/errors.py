@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import ConfigError
 
 MAX_LEN = 399
 
 
-class ModelLoadError(UserError):
+class ModelLoadError(ConfigError):
     """A model file/folder that ti-fast will not load: one line (< 400 chars) naming the file,
     what it is and what to do."""
 

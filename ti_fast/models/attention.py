@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import ConfigError
 
 BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 # What auto prefers, fastest first where measured. triton is not in it: on an H200 (bf16, batch
@@ -28,7 +28,7 @@ BACKENDS = ("auto", "triton", "xformers", "sdpa", "math")
 AUTO_ORDER = ("xformers", "sdpa", "math")
 
 
-class AttentionBackendError(UserError, RuntimeError):
+class AttentionBackendError(ConfigError, RuntimeError):
     """An explicitly requested attention backend cannot run here."""
 
 

@@ -100,9 +100,10 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
+        self.fused_ops = None            # set per model by ops.set_kernels (None: PyTorch ops)
 
     def forward(self, x):
-        return ops.geglu(self.proj(x))
+        return ops.geglu(self.proj(x), self.fused_ops)
 
 
 class FeedForward(nn.Module):

@@ -1,8 +1,6 @@
 """`ti-fast generate`: argument parsing for txt2img (the work is in generate.py)."""
 from __future__ import annotations
 
-import sys
-
 
 def add_generate_parser(sub):
     from ..diffusion.samplers import SAMPLERS
@@ -11,7 +9,8 @@ def add_generate_parser(sub):
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
-    g.add_argument("--sampler", choices=list(SAMPLERS), default="euler_a", help="sampler (default: euler_a)")
+    g.add_argument("--sampler", default="euler_a", help=f"sampler: {', '.join(SAMPLERS)} or A1111's label, "
+                   "e.g. 'Euler a', 'DPM++ 2M' (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")
     g.add_argument("--no-karras", dest="karras", action="store_false", help="the sampler's uniform schedule, also for dpmpp_2m")
     g.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
@@ -31,12 +30,7 @@ def add_generate_parser(sub):
 
 
 def cmd_generate(a) -> int:
-    from ..loading import ModelLoadError
-    from .generate import GenerateConfig, GenerateError, generate
-    cfg = GenerateConfig(**{k: v for k, v in vars(a).items() if k not in ("cmd", "func")})
-    try:
-        generate(cfg)
-    except (GenerateError, ModelLoadError) as e:
-        print(f"ti-fast: error: {e}", file=sys.stderr)
-        return 2
+    """Refusals (ti_fast.errors.UserError) become one line and exit 2 in ti_fast.cli.run_command."""
+    from .generate import GenerateConfig, generate
+    generate(GenerateConfig(**{k: v for k, v in vars(a).items() if k not in ("cmd", "func")}))
     return 0

@@ -16,7 +16,7 @@ from ..devices import resolve_device, resolve_precision
 from ..diffusion import samplers as S
 from ..diffusion.conditioning import grey_latent, inpaint_concat
 from ..diffusion.sampling import sample_images, to_pil
-from ..errors import UserError
+from ..errors import ConfigError
 from ..infotext import VERSION, make_infotext, write_png_with_infotext
 from ..prompt import PromptTokenizer
 
@@ -52,7 +52,7 @@ class GenerateResult:
     seeds: list
 
 
-class GenerateError(UserError):
+class GenerateError(ConfigError):
     """A generation setting is wrong (one line naming the flag)."""
 
 
@@ -83,8 +83,7 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     from ..embeddings import load_library
     from ..loading import load_model
 
-    if cfg.sampler not in S.SAMPLERS:
-        raise GenerateError(f"unknown sampler {cfg.sampler!r}: choose {', '.join(S.SAMPLERS)}")
+    cfg.sampler = S.sampler_key(cfg.sampler, error=GenerateError)
     if cfg.width % 8 or cfg.height % 8:
         raise GenerateError(f"--width/--height must be multiples of 8 (got {cfg.width}x{cfg.height})")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.clip_skip < 1:

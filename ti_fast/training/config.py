@@ -1,17 +1,16 @@
-"""TrainConfig: every setting of a training run (the CLI's flags map 1:1 onto its fields),
-validated BEFORE any model is loaded, and the typed errors the trainer raises."""
+"""TrainConfig: every setting of a training run (the CLI's flags map 1:1 onto its fields), and
+reading it from a TOML file with each value's type checked. What the values may be is checked
+in ti_fast.training.preflight, before anything is loaded."""
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..errors import UserError, ConfigError, NonFiniteLossError, OutOfMemoryError  # noqa: F401
+from ..fsutil import special_reason
 
 TrainError = UserError          # the public name of the trainer's error base (ti_fast.TrainError)
-
 
 PRECISIONS = ("auto", "bf16", "fp16", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -83,75 +82,65 @@ class TrainConfig:
     preview_cfg: float = 7.0
     png_embed: bool = False
 
+    # --- process (applied by the CLI at its entry, never inside train(): no global state)
+    threads: int | None = None           # torch CPU threads (None: the CLI's choice, see cli.py)
+    allow_huge_lr: bool = False          # accept learning rates over 1 (else refused as a typo)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{p}: cannot read config: {e}") from None
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(data) - names)
-        if bad:
-            raise ConfigError(f"{p}: unknown key(s) {', '.join(bad)}; keys are the flag names")
+        """Settings from a TOML file (keys = flag names, '-' or '_'), each value type-checked;
+        `overrides` (the command line's flags) win."""
+        data = {k: check_value(k, v, str(path)) for k, v in read_toml(path).items()}
         data.update(overrides)
         return cls(**data)
 
 
-_CLIP_RE = re.compile(r"^\s*(value|norm)\s*:(.+)$", re.S)
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Schedules are text in A1111's syntax; a TOML number is the one-entry schedule.
+_TEXT_OR_NUMBER = ("lr", "clip_grad")
+MAX_TOML_BYTES = 1 << 20
 
 
-def parse_clip_grad(spec: str | None, steps: int = 1):
-    """'value:X' | 'norm:X', X a number or an A1111 schedule ('norm:0.1:500, 0.05') -> (mode, Schedule) or None."""
-    if not spec:
-        return None
-    from .lr import parse_schedule, ScheduleError
-    m = _CLIP_RE.match(spec)
-    if not m:
-        raise ConfigError(f"--clip-grad {spec!r}: use value:X or norm:X (X > 0, or a schedule like 0.1:500, 0.05)")
+def read_toml(path) -> dict:
+    """A TOML file's top-level table with '-' in keys turned into '_'. ConfigError (one line,
+    naming the file) when it is not a regular file, too big, or not TOML."""
     try:
-        return m.group(1), parse_schedule(m.group(2), max(1, steps), what="clip threshold")
-    except ScheduleError as e:
-        raise ConfigError(f"--clip-grad {spec!r}: {e}") from None
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    why = special_reason(p)
+    if why is not None:
+        raise ConfigError(f"--config {p} is {why}: name a TOML file")
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    if p.stat().st_size > MAX_TOML_BYTES:
+        raise ConfigError(f"--config {p}: {p.stat().st_size} bytes is too big for a settings file")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config {p}: not valid TOML: {e}") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Cheap checks that need no model: a clear one-line error for each bad setting."""
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
-
-    need(cfg.vectors >= 1, f"--vectors must be at least 1 (got {cfg.vectors})")
-    need(cfg.vectors <= 75, f"--vectors {cfg.vectors}: at most 75 fit in a prompt")
-    need(cfg.steps >= 1, f"--steps must be at least 1 (got {cfg.steps})")
-    need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    need(cfg.grad_accum >= 1, f"--grad-accum must be at least 1 (got {cfg.grad_accum})")
-    need(cfg.save_every >= 0, "--save-every must be >= 0 (0 = only the final save)")
-    need(cfg.check_every >= 1, "--check-every must be at least 1")
-    need(cfg.width % 8 == 0 and cfg.height % 8 == 0 and cfg.width > 0 and cfg.height > 0,
-         f"--width/--height must be positive multiples of 8 (got {cfg.width}x{cfg.height})")
-    need(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
-    need(cfg.optimizer in OPTIMIZERS, f"--optimizer {cfg.optimizer!r}: choose {', '.join(OPTIMIZERS)}")
-    need(cfg.latents in LATENT_MODES, f"--latents {cfg.latents!r}: choose {', '.join(LATENT_MODES)}")
-    need(cfg.resize in RESIZE_MODES, f"--resize {cfg.resize!r}: choose {', '.join(RESIZE_MODES)}")
-    need(cfg.kernels in KERNELS, f"--kernels {cfg.kernels!r}: choose {', '.join(KERNELS)}")
-    need(cfg.attention in ATTENTION, f"--attention {cfg.attention!r}: choose {', '.join(ATTENTION)}")
-    need(0.0 <= cfg.tag_dropout < 1.0, f"--tag-dropout must be in [0, 1) (got {cfg.tag_dropout})")
-    need(cfg.clip_skip >= 1, f"--clip-skip must be >= 1 (A1111 numbering, 1 = off; got {cfg.clip_skip})")
-    need(cfg.preview_every >= 0, "--preview-every must be >= 0")
-    need(not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other")
-    need(cfg.data is not None, "--data DIR is required (a folder of training images)")
-    need(cfg.name is not None or cfg.embedding is not None, "--name NAME is required (or --embedding FILE)")
-    need(not (cfg.offload and str(cfg.device).split(":")[0] == "cpu"),
-         "--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
-    need(not (cfg.offload and cfg.compile), "--offload and --compile exclude each other "
-         "(offload swaps the weights in Python hooks between blocks; a compiled UNet cannot follow)")
-    parse_clip_grad(cfg.clip_grad, cfg.steps)
+def check_value(key: str, value, where: str):
+    """`value` as the TrainConfig field `key` takes it, or ConfigError naming the key, the type it
+    needs and what it got. TOML has no null: an optional field is simply left out."""
+    if key not in FIELDS:
+        near = [n for n in FIELDS if n.split("_")[0] == key.split("_")[0]][:3]
+        hint = f" (did you mean {', '.join(near)}?)" if near else "; keys are the flag names"
+        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    kind = str(FIELDS[key].type).replace(" | None", "")
+    if key in _TEXT_OR_NUMBER and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value) if isinstance(value, float) else str(value)
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}[kind]
+    if not ok(value):
+        need = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{where}: {key.replace('_', '-')} must be {need}, got {type(value).__name__} {value!r}")
+    return float(value) if kind == "float" else value

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
+from ..fsutil import kind_of, special_reason
 from ..images import IMAGE_EXTS, caption_for, load_image  # noqa: F401  (re-exported)
 
 
@@ -48,21 +49,29 @@ def check_size(width: int, height: int) -> None:
                             f"(the VAE works on 8×8 pixel blocks): try {near}")
 
 
-def list_images(data_dir, recursive: bool = False) -> list[Path]:
+def list_images(data_dir, recursive: bool = False, warn=None) -> list[Path]:
     """Image files in `data_dir` (png/jpg/jpeg/webp/bmp, any case), sorted by relative path.
-    Names starting with "." are skipped (macOS "._x.jpg" resource forks, .ipynb_checkpoints)."""
+    Names starting with "." are skipped (macOS "._x.jpg" resource forks, .ipynb_checkpoints).
+    An image name that is a FIFO, socket, device or broken link is skipped with one `warn` line
+    and never opened (opening a FIFO blocks)."""
     d = Path(data_dir).expanduser()
-    if not d.exists():
-        raise DataError(f"data folder {d} does not exist: point the data path at a folder of images")
-    if not d.is_dir():
-        raise DataError(f"data path {d} is a file, not a folder: point it at the folder holding the images")
+    kind = kind_of(d)
+    if kind == "missing":
+        raise DataError(f"--data {d}: the folder does not exist; point --data at a folder of images")
+    if kind != "folder":
+        raise DataError(f"--data {d} is a {kind}, not a folder: point it at the folder holding the images")
     walk = d.rglob("*") if recursive else d.iterdir()
     found = []
     for p in walk:
         rel = p.relative_to(d)
-        if any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() not in IMAGE_EXTS:
             continue
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+        why = special_reason(p)
+        if why is not None:
+            if warn is not None:
+                warn(f"ti-fast: skipping {p}: it is {why}")
+            continue
+        if p.is_file():
             found.append(p)
     if not found:
         where = f"{d} or its subfolders" if recursive else f"{d} (subfolders not searched: use recursive)"
@@ -221,14 +230,16 @@ def prepare_dataset(data_dir, *, recursive: bool = False, width: int = 512, heig
                     resize: str = "crop", buckets: bool = False, flip: bool = False,
                     alpha_weight: bool = False, warn=print, bucket_step: int = 64,
                     max_ratio: float = 2.0, word_regex: str | None = None,
-                    join: str = " ") -> Dataset:
+                    join: str = " ", paths: list[Path] | None = None) -> Dataset:
     """Load every image of `data_dir`, fitted to W×H (or to its aspect bucket). An unreadable
     image is named in one `warn` line and skipped; no usable image at all -> DataError.
-    With alpha_weight, a fully transparent image (all-zero weight: nothing to learn) is skipped."""
+    With alpha_weight, a fully transparent image (all-zero weight: nothing to learn) is skipped.
+    paths: the image files when already listed (the preflight's list_images)."""
     check_size(width, height)
     if resize not in RESIZE_MODES:
         raise DataError(f"unknown resize mode {resize!r}: use one of {', '.join(RESIZE_MODES)}")
-    paths = list_images(data_dir, recursive)
+    if paths is None:
+        paths = list_images(data_dir, recursive, warn=warn)
     sizes = make_buckets(width, height, bucket_step, max_ratio) if buckets else [(width, height)]
     items, skipped = [], []
     for p in paths:

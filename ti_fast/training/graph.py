@@ -19,7 +19,7 @@ Graph rules this module keeps (torch.cuda "CUDA Graphs" notes):
   (CUDAGraph.register_generator_state, torch >= 2.5). A replay advances that generator by the
   same philox offsets as the eager step, so a graphed and an eager step from the same state draw
   the same numbers, and the generator's get_state/set_state (resume) stay meaningful.
-- gradient: TrainStep sets vectors.grad = None at its start; inside the capture that is a Python
+- gradient: TrainStep sets each parameter's grad = None at its start; inside the capture that is a Python
   act, so the first backward writes the gradient into a graph-pool buffer at a fixed address
   (the torch docs' whole-network pattern) and later micro-batches accumulate into it in place.
 - optimizer: torch AdamW/Adam with capturable=True (step counter on the device) and the learning
@@ -28,7 +28,7 @@ Graph rules this module keeps (torch.cuda "CUDA Graphs" notes):
 - outputs: the captured loss and finite flag are static tensors; each call returns clones, since
   the trainer keeps several steps' results before reading them.
 - warm-up runs on a side stream before capture (lazy init, cuBLAS/Triton autotuning, AdamW state
-  creation). It really trains, so the vectors, the optimizer state and the generator state are
+  creation). It really trains, so the parameters, the optimizer state and the generator state are
   snapshotted before and restored, in place, after the capture.
 Not capturable, so refused (maybe_graphed falls back to eager with one line): fp16 loss scaling
 (the skip decision reads the device), bitsandbytes AdamW8bit, any other optimizer, CPU tensors.
@@ -54,8 +54,8 @@ def ineligible_reason(step: TrainStep) -> str | None:
     """None when `step` can be captured, else a short reason (for one printed line)."""
     if not torch.cuda.is_available():
         return "CUDA graphs need a CUDA device and this torch sees none"
-    if step.vectors.device.type != "cuda":
-        return f"the step runs on {step.vectors.device}, CUDA graphs need a CUDA device"
+    if step.device.type != "cuda":
+        return f"the step runs on {step.device}, CUDA graphs need a CUDA device"
     if getattr(step.gen, "device", torch.device("cpu")).type != "cuda":
         return "the step's generator is not a CUDA generator"
     if step.scaler is not None:
@@ -108,28 +108,36 @@ class StaticBatches:
                     getattr(dst, f).copy_(t, non_blocking=True)
 
 
-# ------------------------------------------------------------------ optimizer/vectors/RNG snapshot
+# ------------------------------------------------------------------ optimizer/parameters/RNG snapshot
 
 @dataclass
 class Snapshot:
-    """Everything the warm-up changes: vectors, optimizer state tensors, generator state."""
-    vectors: torch.Tensor
+    """Everything the warm-up changes: the trained parameters, optimizer state tensors, generator
+    state."""
+    params: list                     # clones of the parameters, in order
     state: dict                      # param -> {name: tensor clone} for state that existed before
     gen_state: torch.Tensor | None
 
 
-def take_snapshot(vectors: torch.Tensor, optimizer, generator=None) -> Snapshot:
+def _as_list(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
+def take_snapshot(params, optimizer, generator=None) -> Snapshot:
+    """params: one tensor (an embedding's vectors) or a list of the trained parameters."""
     state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
              for p, st in optimizer.state.items()}
-    return Snapshot(vectors.detach().clone(), state, generator.get_state() if generator is not None else None)
+    return Snapshot([p.detach().clone() for p in _as_list(params)], state,
+                    generator.get_state() if generator is not None else None)
 
 
-def restore_snapshot(snap: Snapshot, vectors: torch.Tensor, optimizer, generator=None) -> None:
+def restore_snapshot(snap: Snapshot, params, optimizer, generator=None) -> None:
     """Put the snapshot back IN PLACE (a captured graph holds these tensors' addresses). State
     that the warm-up created (AdamW's first step: step, exp_avg, exp_avg_sq) is zeroed, which is
     exactly a fresh AdamW state."""
     with torch.no_grad():
-        vectors.copy_(snap.vectors)
+        for p, saved in zip(_as_list(params), snap.params):
+            p.copy_(saved)
         for p, st in optimizer.state.items():
             before = snap.state.get(p, {})
             for k, v in st.items():
@@ -203,7 +211,7 @@ class GraphedStep:
         if reason is not None:
             raise GraphUnavailable(f"cannot capture the training step in a CUDA graph: {reason}")
         self.step, self.warmup, self.max_graphs, self.say = step, warmup, max_graphs, say
-        self.device = step.vectors.device
+        self.device = step.device
         self.lr = LrTensors(step.optimizer, self.device)
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()   # shared: replays never overlap
@@ -239,7 +247,7 @@ class GraphedStep:
         static = StaticBatches(micro_batches)
         static.copy_from(micro_batches)
         state_steps_to(opt, self.device)
-        snap = take_snapshot(step.vectors, opt, step.gen)
+        snap = take_snapshot(step.params, opt, step.gen)
         old = self.lr.swap_in()
         try:
             side = torch.cuda.Stream(self.device)
@@ -259,7 +267,7 @@ class GraphedStep:
             self.lr.swap_out(old)
             # capture recorded kernels without running them: undo what the warm-up trained
             # (also when the capture failed, so that an eager retry starts from the same state)
-            restore_snapshot(snap, step.vectors, opt, step.gen)
+            restore_snapshot(snap, step.params, opt, step.gen)
         cap = _Captured(graph, static, loss, finite)
         self.graphs[key] = cap
         return cap

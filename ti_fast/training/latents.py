@@ -111,3 +111,25 @@ def encode_dataset(vae, items, *, device, mode: str, generator: torch.Generator,
                 with atomic_path(cdir / f"{keys[i]}.safetensors") as tmp:
                     save_file(d, str(tmp))
     return out
+
+
+# ----------------------------------------------------------------------------- --latents random
+# The one home of the --latents random convention. The cached entry keeps the posterior's mean
+# and std; every step re-samples x0 = mean + std * e. That e and the diffusion noise eps are
+# drawn as ONE normal tensor of 2C channels [B, 8, h, w] (first C: eps, last C: e), so a step
+# makes a single generator call whatever the mode, which the CUDA graph and resume replay.
+
+def noise_shape(latents: torch.Tensor, std: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Shape of the step's noise draw for latents [B, C, h, w]: [B, 2C, h, w] when re-sampled."""
+    b, c, h, w = latents.shape
+    return (b, 2 * c if std is not None else c, h, w)
+
+
+def x0_and_noise(latents: torch.Tensor, std: torch.Tensor | None, noise: torch.Tensor):
+    """(x0 fp32 [B, C, h, w], diffusion noise eps [B, C, h, w]) from the cached latents and the
+    step's draw (noise_shape)."""
+    x0 = latents.float()
+    if std is None:
+        return x0, noise
+    c = latents.shape[1]
+    return x0 + std.float() * noise[:, c:], noise[:, :c]

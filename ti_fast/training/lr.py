@@ -20,6 +20,7 @@ after the resume step is an error instead of A1111's StopIteration.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -118,3 +119,20 @@ def parse_schedule(text, max_steps: int, start_step: int = 0, *, what: str = "le
         raise ScheduleError(f"{what} schedule {src!r} ends at step {end}, but training is already at "
                             f"step {start_step}: nothing left to train (raise the steps or the schedule)")
     return Schedule(tuple(entries), start_step, src)
+
+
+_CLIP_RE = re.compile(r"^\s*(value|norm)\s*:(.+)$", re.S)
+
+
+def parse_clip_grad(spec: str | None, steps: int = 1):
+    """'value:X' | 'norm:X', X a number or an A1111 schedule ('norm:0.1:500, 0.05') ->
+    (mode, Schedule) or None."""
+    if not spec:
+        return None
+    m = _CLIP_RE.match(spec)
+    if not m:
+        raise ConfigError(f"--clip-grad {spec!r}: use value:X or norm:X (X > 0, or a schedule like 0.1:500, 0.05)")
+    try:
+        return m.group(1), parse_schedule(m.group(2), max(1, steps), what="clip threshold")
+    except ScheduleError as e:
+        raise ConfigError(f"--clip-grad {spec!r}: {e}") from None

@@ -9,35 +9,46 @@ from pathlib import Path
 
 import torch
 
-from ..fsutil import atomic_path, atomic_write_text
+from ..errors import ConfigError
+from ..fsutil import atomic_path, atomic_write_text, special_reason
 
 CSV_HEADER = ["step", "epoch", "epoch_step", "loss", "lr"]
 
 
 class LossLog:
-    """loss.csv: one row per optimizer step (step = completed steps). Kept in memory too for the plot."""
+    """loss.csv: one row per optimizer step (step = completed steps), kept in memory too for the
+    plot. A resumed run keeps the rows up to its state's step; a malformed row is dropped."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
         self.rows: list[list] = []
-        if resume_step and self.path.exists():
-            with open(self.path, newline="") as f:
+        if resume_step and special_reason(self.path) is None and self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
                 r = csv.reader(f)
                 next(r, None)
-                self.rows = [row for row in r if row and int(row[0]) <= resume_step]
+                self.rows = [row for row in r if _row_ok(row) and int(row[0]) <= resume_step]
 
     def add(self, step, epoch, epoch_step, loss, lr):
         self.rows.append([step, epoch, epoch_step, f"{loss:.8g}", f"{lr:.8g}"])
 
-    def flush(self):
+    def flush(self, upto: int | None = None):
+        """Write the rows (those of steps <= `upto` when given: the file then agrees with a
+        state saved at that step)."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(CSV_HEADER)
-        w.writerows(self.rows)
+        w.writerows(r for r in self.rows if upto is None or int(r[0]) <= upto)
         atomic_write_text(self.path, buf.getvalue())
 
-    def losses(self) -> list[tuple[int, float]]:
-        return [(int(r[0]), float(r[3])) for r in self.rows]
+    def losses(self, upto: int | None = None) -> list[tuple[int, float]]:
+        return [(int(r[0]), float(r[3])) for r in self.rows if upto is None or int(r[0]) <= upto]
+
+
+def _row_ok(row) -> bool:
+    try:
+        return len(row) == len(CSV_HEADER) and int(row[0]) >= 0 and float(row[3]) == float(row[3])
+    except ValueError:
+        return False
 
 
 def plot_loss(points: list[tuple[int, float]], path: Path, title: str = "loss", window: int = 32) -> None:
@@ -77,12 +88,72 @@ def write_settings(path: Path, settings: dict) -> None:
     atomic_write_text(path, json.dumps(settings, indent=2, default=str) + "\n")
 
 
+def read_settings(path: Path) -> dict | None:
+    """settings.json of an earlier run, or None when it is missing or unreadable (it is a
+    record, not a source of truth: the state file is)."""
+    try:
+        if special_reason(path) is None and Path(path).is_file():
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def save_state(path: Path, state: dict) -> None:
-    """The resumable state (vectors, optimizer, step, RNG states, data order): torch.save, atomic."""
+    """The resumable state (what is trained, optimizer, step, RNG states, data order):
+    torch.save, atomic."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
+# key -> what it must be, for load_state's checks
+_STATE_KEYS = {"step": int, "seed": int, "optimizer": dict, "order": dict, "gen": torch.Tensor,
+               "py_rng": (tuple, list)}
+
+
 def load_state(path: Path) -> dict:
-    # Our own file, but still loaded without arbitrary globals.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The resumable state, checked. ConfigError (one line) for a file that is not a regular
+    file, damaged, truncated or not a ti-fast state: no silent fallback to a fresh run."""
+    path = Path(path)
+    why = special_reason(path)
+    if why is not None:
+        raise ConfigError(f"{path} is {why}, not a resumable state")
+    fix = "delete it (or pass --overwrite) to start the run again"
+    try:
+        # Our own file, but still loaded without arbitrary globals.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"{path} is damaged or truncated ({type(e).__name__}: {first}): {fix}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} is not a ti-fast resumable state: {fix}")
+    for key, kind in _STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ConfigError(f"{path} is not a complete ti-fast state (bad or missing {key!r}): {fix}")
+    v = state.get("vectors")
+    if state.get("kind", "embedding") == "embedding" and not (
+            isinstance(v, torch.Tensor) and v.ndim == 2 and v.is_floating_point() and v.shape[0] >= 1):
+        raise ConfigError(f"{path}: the state's vectors are missing or malformed: {fix}")
+    if state["step"] < 0:
+        raise ConfigError(f"{path}: the state's step {state['step']} is negative: {fix}")
+    return state
+
+
+class RunRecord:
+    """settings.json: the current segment's settings at the top (config, seed, model, what actually
+    ran, versions, launch and wall time) and `segments`, one entry per segment of the run — a
+    resumed run appends its own, so every segment's settings are kept."""
+
+    def __init__(self, path: Path, top: dict, resumed: bool):
+        self.path = Path(path)
+        prev = read_settings(self.path) if resumed else None
+        self.segments = list(prev.get("segments", [])) if prev else []
+        self.top = dict(top)
+        self.segment = {k: top[k] for k in ("started", "config", "ran", "start_step") if k in top}
+        self.segments.append(self.segment)
+
+    def update(self, **values) -> None:
+        """Record values in the current segment (and at the top) and write the file."""
+        self.top.update(values)
+        self.segment.update(values)
+        write_settings(self.path, {**self.top, "segments": self.segments})

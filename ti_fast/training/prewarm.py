@@ -119,7 +119,7 @@ def start(unet, vae, *, device: torch.device, batch: int, image_hw: tuple[int, i
     """Begin compiling, in the background, the VAE encoder's kernels (group "vae") and the UNet
     step's (group "unet") for this run's main shape. None when there is nothing to compile
     (PyTorch ops, CPU, the Triton interpreter)."""
-    if device.type != "cuda" or ops.active() != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or ops.kernels_of(unet) != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     down = vae.downscale
     latent_hw = (image_hw[0] // down, image_hw[1] // down)
