@@ -98,9 +98,7 @@ def add_train_args(p: argparse.ArgumentParser):
             else:
                 g.add_argument(_flag(name), action="store_true", default=argparse.SUPPRESS, help=f"{help_} (off)")
             continue
-        typ = {int: int, float: float}.get(type(default), str)
-        if name in ("seed",):
-            typ = int
+        typ = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
         g.add_argument(_flag(name), type=typ, default=argparse.SUPPRESS, metavar=name.upper(),
                        help=f"{help_} (default: {default})")
     p.add_argument("--no-half", action="store_true", default=argparse.SUPPRESS, help="same as --precision full")
@@ -111,6 +109,7 @@ def add_train_args(p: argparse.ArgumentParser):
 def cmd_train(a) -> int:
     from .training.config import TrainConfig
     from .training.loop import train
+    from .training.preflight import validate
     over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
     if getattr(a, "no_half", False):
         over["precision"] = "full"
@@ -121,6 +120,7 @@ def cmd_train(a) -> int:
         cfg = TrainConfig.from_toml(a.config, **over)
     else:
         cfg = TrainConfig(**over)
+    validate(cfg)                 # the settings first: --threads 0 must not reach torch
     process_settings(cfg)
     res = train(cfg, handle_signals=True)
     return 0 if res.status == "completed" else 130

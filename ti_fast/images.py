@@ -27,10 +27,11 @@ MAX_PIXELS = 64 * 2**20
 _NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 
 
-def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The decoded first frame of an image file, EXIF orientation applied. DataError (one line
-    naming the file) for special files, images over `max_pixels` (checked from the header, before
-    decoding) and anything Pillow cannot read."""
+def open_image(path, max_pixels: int = MAX_PIXELS, transpose: bool = True) -> Image.Image:
+    """The decoded first frame of an image file, EXIF orientation applied (unless `transpose` is
+    False: data stored in the pixels must be read as stored). DataError (one line naming the
+    file) for special files, images over `max_pixels` (checked from the header, before decoding)
+    and anything Pillow cannot read."""
     path = Path(path)
     why = special_reason(path)
     if why is not None:
@@ -45,7 +46,7 @@ def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
                                     f"{max_pixels / 1e6:.0f} MP limit (a decompression bomb or a huge scan): "
                                     "downscale it first")
                 im.load()
-                return ImageOps.exif_transpose(im)
+                return ImageOps.exif_transpose(im) if transpose else im
     except DataError:
         raise
     except Image.DecompressionBombError as e:

@@ -115,3 +115,48 @@ def to_pil(images: torch.Tensor):
     from PIL import Image
     arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype("uint8")
     return [Image.fromarray(a) for a in arr]
+
+
+MAX_SIDE = 16384                 # px: beyond this nothing fits on any card, tiles or not
+
+
+def estimate_bytes(model, batch: int, width: int, height: int) -> int:
+    """A generous estimate of what sampling `batch` images of width x height needs beyond the
+    weights: the UNet's largest working set (CFG doubles the batch; ~16 live tensors of the first
+    level's [tokens, channels] in the compute dtype) and the decoded images in fp32 (the output
+    and its tile accumulators)."""
+    f = model.vae.downscale
+    tokens = (height // f) * (width // f)
+    elem = next(model.unet.parameters()).element_size()
+    unet = 2 * batch * tokens * model.unet.config.model_channels * elem * 16
+    pixels = batch * 3 * height * width * 4 * 3
+    return unet + pixels
+
+
+def available_bytes(device) -> int | None:
+    """Free memory on `device` (CUDA: the driver's free + what torch holds in its cache; CPU:
+    the kernel's MemAvailable), or None when it cannot be told."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model, batch: int, width: int, height: int, device, error=ConfigError) -> None:
+    """Refuse, before anything is allocated, a generation that cannot fit in memory."""
+    if max(width, height) > MAX_SIDE:
+        raise error(f"--width/--height {width}x{height}: at most {MAX_SIDE} px a side; generate smaller "
+                    "and upscale")
+    need, have = estimate_bytes(model, batch, width, height), available_bytes(device)
+    if have is not None and need > have:
+        raise error(f"--width/--height {width}x{height} with --batch {batch} needs about {need / 2**30:.1f} GiB "
+                    f"of memory, {torch.device(device).type} has {have / 2**30:.1f} GiB free: lower the size "
+                    "or the batch")

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from ti_fast.embeddings.formats import Embedding, EmbeddingError, _error, read_tensor_file
+from ti_fast.fsutil import special_reason
 from ti_fast.embeddings.png import read_png_embedding
 
 TENSOR_EXTS = (".pt", ".bin", ".safetensors")
@@ -33,6 +34,9 @@ def read_embedding(path, width: int | None = None) -> Embedding:
     width: expected vector width (768 for SD1.x); None accepts any. Raises EmbeddingError
     (WrongModelEmbedding for SDXL or another width) with one line naming the file."""
     path = Path(path)
+    why = special_reason(path)
+    if why is not None:
+        raise _error(path, f"is {why}; name a regular file")
     ext = path.suffix.lower()
     if ext in IMAGE_EXTS:
         emb = read_png_embedding(path, width=width)
@@ -67,12 +71,20 @@ def load_library(paths, width: int = 768, warn: Callable[[str], None] = print) -
         paths = [paths]
     found: dict[str, Embedding] = {}
     for root in map(Path, paths):
+        why = special_reason(root)
+        if why is not None:         # named directly: refused, never opened (a FIFO would block)
+            raise EmbeddingError(f"--embeddings {root} is {why}: name a file or a folder of embeddings")
         if not root.exists():
             warn(f"embeddings: {root} does not exist, skipped")
             continue
         explicit = root.is_file()
         for path in _candidates(root):
             ext = path.suffix.lower()
+            why = special_reason(path)
+            if why is not None:
+                if ext in EMBEDDING_EXTS:
+                    warn(f"embeddings: {path} is {why}, skipped")
+                continue
             if ext not in EMBEDDING_EXTS or is_preview_image(path):
                 if explicit:
                     warn(f"embeddings: {path}: not an embedding file type, skipped")

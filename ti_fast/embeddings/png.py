@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ti_fast.embeddings.formats import (Embedding, EmbeddingError, _error,
                                         embedding_from_data, embedding_to_a1111_dict)
+from ti_fast.errors import DataError
 from ti_fast.fsutil import atomic_path
+from ti_fast.images import open_image
 
 CHUNK_KEY = "sd-ti-embedding"
 _TENSOR_TAG = "TORCHTENSOR"
@@ -243,15 +245,11 @@ def read_png_embedding(source, width: int | None = None) -> Embedding | None:
         where = Path(source.filename) if getattr(source, "filename", "") else None
         return _embedding_from_image(source, where, width)
     path = Path(source)
-    try:
-        image = Image.open(path)
-    except Exception as e:
-        raise _error(path, f"cannot read image ({type(e).__name__}: {e})") from e
+    try:    # stat first (never a FIFO), the pixel count bounded from the header before decoding
+        image = open_image(path, transpose=False)
+    except DataError as e:                   # its one line already names the file
+        raise EmbeddingError(str(e)) from None
     with image:
-        try:
-            image.load()
-        except Exception as e:
-            raise _error(path, f"cannot read image ({type(e).__name__}: {e})") from e
         return _embedding_from_image(image, path, width)
 
 

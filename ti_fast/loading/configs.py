@@ -7,6 +7,7 @@ transformers' CLIPTextModel `from_pretrained` accept.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,13 +27,70 @@ def read_json(path: Path) -> dict:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise refuse(path, "missing (a diffusers folder needs unet/, vae/, text_encoder/ with config.json)") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise refuse(path, f"corrupt JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise refuse(path, f"corrupt JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(d, dict):
         raise refuse(path, "corrupt JSON (not an object)")
     return d
 
 
+def _config_reader(fn):
+    """A config.json with a missing key or a value of the wrong type is refused in one line."""
+    @functools.wraps(fn)
+    def read(d: dict, path):
+        try:
+            return fn(d, path)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise refuse(path, f"missing or malformed value ({type(e).__name__}: {e})") from None
+    return read
+
+
+# Bounds that every real SD 1.x-family checkpoint (and the tiny test models) is well inside: a
+# config outside them is damaged, and building it could allocate without limit.
+def _ints(cfg, names, lo, hi):
+    return [(n, getattr(cfg, n)) for n in names
+            if not (isinstance(getattr(cfg, n), int) and not isinstance(getattr(cfg, n), bool)
+                    and lo <= getattr(cfg, n) <= hi)]
+
+
+def check_config(kind: str, cfg, where) -> None:
+    """Refuse (one line naming `where`) an architecture config with impossible values:
+    non-positive or huge sizes, widths the heads or norm groups do not divide, level lists of
+    the wrong length."""
+    bad = []
+    if kind == "unet":
+        bad += _ints(cfg, ("in_channels", "out_channels"), 1, 16)
+        bad += _ints(cfg, ("model_channels", "context_dim"), 1, 4096) + _ints(cfg, ("num_res_blocks",), 1, 8)
+        bad += _ints(cfg, ("num_heads", "norm_groups"), 1, 256)
+        mult, attn = tuple(cfg.channel_mult), tuple(cfg.attention_levels)
+        if not (1 <= len(mult) <= 8 and all(isinstance(m, int) and 1 <= m <= 16 for m in mult)):
+            bad.append(("channel_mult", mult))
+        elif len(attn) != len(mult) or not all(isinstance(a, bool) for a in attn):
+            bad.append(("attention_levels", attn))
+        elif not bad and any((cfg.model_channels * m) % cfg.num_heads or (cfg.model_channels * m) % cfg.norm_groups
+                             for m in mult):
+            bad.append(("num_heads/norm_groups", (cfg.num_heads, cfg.norm_groups)))
+    elif kind == "vae":
+        bad += _ints(cfg, ("in_channels", "out_channels", "z_channels"), 1, 16)
+        bad += _ints(cfg, ("ch",), 1, 1024) + _ints(cfg, ("num_res_blocks",), 1, 8) + _ints(cfg, ("norm_groups",), 1, 256)
+        mult = tuple(cfg.ch_mult)
+        if not (1 <= len(mult) <= 8 and all(isinstance(m, int) and 1 <= m <= 16 for m in mult)):
+            bad.append(("ch_mult", mult))
+        elif not bad and any((cfg.ch * m) % cfg.norm_groups for m in mult):
+            bad.append(("norm_groups", cfg.norm_groups))
+    else:
+        bad += _ints(cfg, ("vocab_size",), 1, 1_000_000) + _ints(cfg, ("width",), 1, 8192)
+        bad += _ints(cfg, ("layers", "heads"), 1, 128) + _ints(cfg, ("mlp",), 1, 65536)
+        bad += _ints(cfg, ("max_positions",), 77, 4096)
+        if not bad and cfg.width % cfg.heads:
+            bad.append(("heads", cfg.heads))
+    if bad:
+        what = ", ".join(f"{n}={v!r}" for n, v in bad[:3])
+        raise refuse(where, f"impossible {kind} architecture ({what}): a damaged or foreign config; "
+                            "download the model again")
+
+
+@_config_reader
 def unet_from_diffusers(d: dict, path) -> UNetConfig:
     """diffusers UNet2DConditionModel config -> UNetConfig (SD 1.x shapes only)."""
     if d.get("addition_embed_type") or d.get("class_embed_type") or d.get("num_class_embeds"):
@@ -71,6 +129,7 @@ def unet_to_diffusers(cfg: UNetConfig, sample_size: int = 64) -> dict:
             "up_block_types": up, "use_linear_projection": False, "upcast_attention": False}
 
 
+@_config_reader
 def vae_from_diffusers(d: dict, path) -> VAEConfig:
     boc = list(d["block_out_channels"])
     if d.get("latent_channels", 4) != 4 or not d.get("mid_block_add_attention", True):
@@ -89,6 +148,7 @@ def vae_to_diffusers(cfg: VAEConfig, sample_size: int = 512) -> dict:
             "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * n}
 
 
+@_config_reader
 def clip_from_transformers(d: dict, path) -> CLIPConfig:
     if d.get("hidden_size", 768) == 1024 or d.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise refuse(path, "SD 2.x text encoder (OpenCLIP ViT-H, 1024 wide / gelu): ti-fast trains SD 1.x only")

@@ -83,9 +83,12 @@ def _safetensors_header(path: Path) -> tuple[dict, dict]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise refuse(path, f"corrupt: the safetensors header is not valid JSON ({e}); download it again") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise refuse(path, f"corrupt: the safetensors header is not valid JSON ({type(e).__name__}: "
+                           f"{str(e)[:120]}); download it again") from None
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise refuse(path, "corrupt: the safetensors __metadata__ is not a JSON object; download it again")
     end = 0
     for name, ent in header.items():
         try:
@@ -94,7 +97,8 @@ def _safetensors_header(path: Path) -> tuple[dict, dict]:
             numel = 1
             for s in ent["shape"]:
                 numel *= int(s)
-            ok = dt is not None and e - b == numel * dt.itemsize
+            ok = (dt is not None and isinstance(b, int) and isinstance(e, int) and 0 <= b <= e
+                  and all(isinstance(s, int) and s >= 0 for s in ent["shape"]) and e - b == numel * dt.itemsize)
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

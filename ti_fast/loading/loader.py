@@ -101,6 +101,7 @@ class SDModel:
 # ---------------------------------------------------------------- filling one module
 def _check_keys(kind: str, cfg, wf: WeightFile, src_of: dict[str, str], extra: list[str], where: Path):
     """Names and shapes against a meta model of cfg; one line naming the first problems."""
+    C.check_config(kind, cfg, where)              # before anything is built from it
     exp = expected_shapes(kind, cfg)
     missing = [k for k in exp if k not in src_of]
     unexpected = extra + [src_of[k] for k in src_of if k not in exp]
@@ -177,7 +178,7 @@ def _single_configs(wf: WeightFile, unet: dict, clip: dict) -> tuple[UNetConfig,
         try:
             d = json.loads(raw)
             return UNetConfig.from_dict(d["unet"]), VAEConfig.from_dict(d["vae"]), CLIPConfig.from_dict(d["clip"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise refuse(wf.path, f"corrupt ti_fast_config metadata ({e})") from None
     conv_in = unet.get("input_blocks.0.0.weight")
     ucfg = UNetConfig(in_channels=wf.shapes[conv_in][1]) if conv_in else UNetConfig()   # 4, or 9 (inpainting)

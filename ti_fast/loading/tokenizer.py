@@ -146,7 +146,13 @@ def load_tokenizer_dir(path, min_size: int = 512 + 2):
     path = Path(path)
     if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
         raise ModelLoadError(f"{path}: no vocab.json + merges.txt in this tokenizer folder")
-    return _check(CLIPTokenizer.from_pretrained(str(path), local_files_only=True), str(path), min_size)
+    try:
+        tok = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:   # transformers/tokenizers raise many kinds on damaged files
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelLoadError(f"{path}: not a usable CLIP tokenizer ({type(e).__name__}: {first}); "
+                             "pass a folder with a valid vocab.json + merges.txt") from None
+    return _check(tok, str(path), min_size)
 
 
 def find_bpe_file() -> Path | None:

@@ -6,17 +6,19 @@ seed+1, ...), each from its own CPU generator.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device, resolve_precision
+from ..devices import PRECISIONS, check_device_name, resolve_device, resolve_precision
 from ..diffusion import samplers as S
 from ..diffusion.conditioning import grey_latent, inpaint_concat
-from ..diffusion.sampling import sample_images, to_pil
+from ..diffusion.sampling import MAX_SIDE, check_fits, sample_images, to_pil
 from ..errors import ConfigError
+from ..fsutil import check_writable_dir, special_reason
 from ..infotext import VERSION, make_infotext, write_png_with_infotext
 from ..prompt import PromptTokenizer
 
@@ -78,21 +80,40 @@ def next_index(folder: Path) -> int:
     return best + 1
 
 
+def validate(cfg: GenerateConfig) -> None:
+    """Every check of a generation's settings that needs no model: GenerateError naming the flag."""
+    def need(ok, msg):
+        if not ok:
+            raise GenerateError(msg)
+    cfg.sampler = S.sampler_key(cfg.sampler, error=GenerateError)
+    need(all(isinstance(v, int) and 8 <= v <= MAX_SIDE and v % 8 == 0 for v in (cfg.width, cfg.height)),
+         f"--width/--height must be multiples of 8 from 8 to {MAX_SIDE} (got {cfg.width}x{cfg.height})")
+    need(isinstance(cfg.steps, int) and 1 <= cfg.steps <= 1000, f"--steps {cfg.steps!r}: from 1 to 1000")
+    need(isinstance(cfg.batch, int) and 1 <= cfg.batch <= 64, f"--batch {cfg.batch!r}: from 1 to 64")
+    need(isinstance(cfg.clip_skip, int) and 1 <= cfg.clip_skip <= 12, f"--clip-skip {cfg.clip_skip!r}: from 1 to 12")
+    need(isinstance(cfg.cfg, (int, float)) and math.isfinite(cfg.cfg), f"--cfg {cfg.cfg!r}: a finite number")
+    need(cfg.seed is None or (isinstance(cfg.seed, int) and 0 <= cfg.seed <= 2**64 - 1 - cfg.batch),
+         f"--seed {cfg.seed!r}: from 0 to 2^64-1")
+    need(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r}: choose {', '.join(PRECISIONS)}")
+    check_device_name(cfg.device)
+    for flag, value in (("--model", cfg.model), ("--vae", cfg.vae), ("--tokenizer", cfg.tokenizer)):
+        if value is not None and special_reason(value) is not None:
+            raise GenerateError(f"{flag} {value} is {special_reason(value)}")
+    check_writable_dir(cfg.out, "--out")
+
+
 def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     """Load (unless given), sample cfg.batch images, write PNGs with infotext into cfg.out."""
     from ..embeddings import load_library
     from ..loading import load_model
 
-    cfg.sampler = S.sampler_key(cfg.sampler, error=GenerateError)
-    if cfg.width % 8 or cfg.height % 8:
-        raise GenerateError(f"--width/--height must be multiples of 8 (got {cfg.width}x{cfg.height})")
-    if cfg.steps < 1 or cfg.batch < 1 or cfg.clip_skip < 1:
-        raise GenerateError("--steps, --batch and --clip-skip must be at least 1")
+    validate(cfg)
     say = (lambda *a: None) if cfg.quiet else print
     dev = resolve_device(cfg.device)
     if model is None:
         model = load_model(cfg.model, device=dev, dtype=resolve_precision(cfg.precision, dev),
                            vae=cfg.vae, tokenizer=cfg.tokenizer)
+    check_fits(model, cfg.batch, cfg.width, cfg.height, dev, error=GenerateError)
     width = model.text_encoder.config.width
     lib = load_library(cfg.embeddings, width=width, warn=say) if cfg.embeddings else {}
     ptok = PromptTokenizer(model.tokenizer, {n: e.vectors.shape[0] for n, e in lib.items()})
