@@ -52,7 +52,7 @@ def open_image(path, max_pixels: int = MAX_PIXELS, transpose: bool = True) -> Im
     except Image.DecompressionBombError as e:
         raise DataError(f"image {path}: {e}; downscale it first") from None
     except Exception as e:  # Pillow raises many types on corrupt files; all mean "unusable"
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; re-save or remove it") from None
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); re-save or remove it") from None
 
 
 def _grey_to_l(im: Image.Image) -> Image.Image:
@@ -85,7 +85,7 @@ def load_image(path, alpha_weight: bool = False, max_pixels: int = MAX_PIXELS) -
         else:
             rgb = im.convert("RGB")
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; re-save or remove it") from None
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); re-save or remove it") from None
     return rgb, alpha
 
 
