@@ -11,6 +11,8 @@ def add_generate_parser(sub):
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
+    g.add_argument("--hypernetworks", nargs="*", default=[], metavar="DIR|FILE",
+                   help="hypernetwork folders (recursive, *.pt) or files: <hypernet:NAME:STRENGTH> in a prompt applies NAME")
     g.add_argument("--sampler", choices=list(SAMPLERS), default="euler_a", help="sampler (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")
     g.add_argument("--no-karras", dest="karras", action="store_false", help="the sampler's uniform schedule, also for dpmpp_2m")
@@ -31,12 +33,12 @@ def add_generate_parser(sub):
 
 
 def cmd_generate(a) -> int:
-    from ..loading import ModelLoadError
-    from .generate import GenerateConfig, GenerateError, generate
+    from ..errors import UserError
+    from .generate import GenerateConfig, generate
     cfg = GenerateConfig(**{k: v for k, v in vars(a).items() if k not in ("cmd", "func")})
     try:
         generate(cfg)
-    except (GenerateError, ModelLoadError) as e:
+    except UserError as e:
         print(f"ti-fast: error: {e}", file=sys.stderr)
         return 2
     return 0
