@@ -97,6 +97,23 @@ def test_each_width_acts_where_it_belongs(tmp_path):
                 assert torch.equal(k_in, ctx) and torch.equal(v_in, ctx), (width, n)
 
 
+def test_several_apply_in_order(tmp_path):
+    from ti_fast.loading import TINY_UNET
+    from ti_fast.models import UNet
+    torch.manual_seed(0)
+    unet = UNet(dataclasses.replace(TINY_UNET, context_dim=48)).eval()
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([300.0]), torch.randn(1, 7, 48)
+    h1, h2, h3 = strong([48], seed=1), strong([48, 32], seed=2, activation="tanh"), strong([48], seed=3)
+    r1, _ = a1111_load(h1.save(tmp_path / "1.pt"), strength=0.5)
+    r2, _ = a1111_load(h2.save(tmp_path / "2.pt"), strength=1.5)
+    attach(unet, [(h1, 0.5), (h3, 0.0), (h2, 1.5)])          # h3 at strength 0: left out
+    seen = kv_inputs(unet, lambda: unet(x, t, c))
+    detach(unet)
+    for n in (n for n in seen if n.endswith("attn2")):       # A1111's apply_hypernetworks: k and v chains
+        torch.testing.assert_close(seen[n][1], r2[48][0](r1[48][0](c)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(seen[n][2], r2[48][1](r1[48][1](c)), rtol=0, atol=1e-5)
+
+
 def test_hook_under_checkpointing_dropout_and_half_precision():
     from ti_fast.loading import TINY_UNET
     from ti_fast.models import UNet
