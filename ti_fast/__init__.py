@@ -13,7 +13,8 @@ from .training.config import (TrainConfig, TrainError, ConfigError, NonFiniteLos
                               OutOfMemoryError)
 from .training.loop import train, TrainResult  # noqa: E402
 from .sample.generate import generate, GenerateConfig, GenerateResult, GenerateError  # noqa: E402
+from .hypernetworks import read_hypernetwork as load_hypernetwork, Hypernetwork, HypernetworkError  # noqa: E402
 
 __all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "TrainConfig", "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
-           "GenerateResult", "GenerateError"]
+           "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError"]

@@ -3,6 +3,7 @@
   ti-fast train ...        train an embedding (ti-fast train --demo: the tiny built-in demo)
   ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
   ti-fast generate ...     txt2img with embeddings
+  ti-fast create-hypernetwork NAME --model M ...   write a fresh A1111 hypernetwork
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
 """
 from __future__ import annotations
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
         add_generate_parser(sub)
     except ImportError:
         pass
+    from .hypernetworks.cli import add_hypernetwork_parsers
+    add_hypernetwork_parsers(sub)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):

@@ -148,6 +148,9 @@ def embedding_from_data(data, path, name: str, width: int | None = None) -> Embe
         vec = next(iter(params.values()))
     elif "clip_l" in data and "clip_g" in data:
         raise _error(path, "SDXL embedding (clip_l + clip_g), not usable with SD1.x", WrongModelEmbedding)
+    elif any(isinstance(k, int) and not isinstance(k, bool) for k in data):
+        # integer width keys: ti_fast.hypernetworks.is_hypernetwork_dict's shape (not imported: same layer)
+        raise _error(path, "an A1111 hypernetwork, not an embedding: pass it with --hypernetworks")
     else:
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if KOHYA_KEY in tensors or ONETRAINER_KEY in tensors:

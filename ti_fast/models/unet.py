@@ -83,15 +83,22 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
         self.attn_fn = attention_sdpa  # set by attention.set_attention_backend
+        # None, or a plain callable ctx -> (ctx_k, ctx_v) transforming the inputs of to_k / to_v
+        # (same shapes and dtype). Set and cleared per instance by ti_fast.hypernetworks.attach;
+        # not an nn.Module, so it never enters this model's parameters or state_dict.
+        self.kv_hook = None
 
     def forward(self, x, context=None):
         # x [B, N, C]; context [B, T, Cctx] (None = self-attention)
         ctx = x if context is None else context
+        ctx_k = ctx_v = ctx
+        if self.kv_hook is not None:
+            ctx_k, ctx_v = self.kv_hook(ctx)
         b, n, c = x.shape
         h = self.heads
         q = self.to_q(x).view(b, n, h, c // h).transpose(1, 2)            # [B, H, N, D]
-        k = self.to_k(ctx).view(b, ctx.shape[1], h, c // h).transpose(1, 2)
-        v = self.to_v(ctx).view(b, ctx.shape[1], h, c // h).transpose(1, 2)
+        k = self.to_k(ctx_k).view(b, ctx.shape[1], h, c // h).transpose(1, 2)
+        v = self.to_v(ctx_v).view(b, ctx.shape[1], h, c // h).transpose(1, 2)
         o = self.attn_fn(q, k, v).transpose(1, 2).reshape(b, n, c)
         return self.to_out[0](o)
 

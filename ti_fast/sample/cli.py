@@ -9,6 +9,8 @@ def add_generate_parser(sub):
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
+    g.add_argument("--hypernetworks", nargs="*", default=[], metavar="DIR|FILE",
+                   help="hypernetwork folders (recursive, *.pt) or files: <hypernet:NAME:STRENGTH> in a prompt applies NAME")
     g.add_argument("--sampler", default="euler_a", help=f"sampler: {', '.join(SAMPLERS)} or A1111's label, "
                    "e.g. 'Euler a', 'DPM++ 2M' (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")

@@ -29,6 +29,8 @@ class GenerateConfig:
     prompt: str
     negative_prompt: str = ""
     embeddings: list = field(default_factory=list)  # folders or files
+    hypernetworks: list = field(default_factory=list)  # folders, .pt files or Hypernetwork objects: the
+                                                # names that <hypernet:NAME:STRENGTH> tags can use
     sampler: str = "euler_a"                    # euler_a | euler | ddim | dpmpp_2m
     karras: bool | None = None                  # None: the sampler's default (dpmpp_2m: Karras)
     steps: int = 20
@@ -102,13 +104,32 @@ def validate(cfg: GenerateConfig) -> None:
     check_writable_dir(cfg.out, "--out")
 
 
+def _check_hypernetwork_widths(chosen, model_path, model) -> None:
+    """Refuse a hypernetwork none of whose widths the model has (made for another model); read
+    from the checkpoint's header when the model is not loaded yet."""
+    if not chosen:
+        return
+    from ..hypernetworks import HypernetworkError, model_widths, unet_widths
+    widths = unet_widths(model.unet) if model is not None else model_widths(model_path)
+    for hn, _ in chosen:
+        if not set(hn.widths) & set(widths):
+            raise HypernetworkError(f"{hn.path or hn.name}: made for another model (widths "
+                                    f"{', '.join(map(str, hn.widths))}; this model has {', '.join(map(str, widths))})")
+
+
 def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     """Load (unless given), sample cfg.batch images, write PNGs with infotext into cfg.out."""
     from ..embeddings import load_library
+    from ..hypernetworks import attached, plan_prompts
     from ..loading import load_model
 
     validate(cfg)
     say = (lambda *a: None) if cfg.quiet else print
+    # <hypernet:...> tags out of both prompts, their files read and checked before the model loads
+    plan = plan_prompts(cfg.prompt, cfg.negative_prompt, cfg.hypernetworks, warn=say)
+    for tag in plan.ignored:
+        say(f"ti-fast: {tag.text} removed from the prompt and not applied (ti-fast applies hypernet tags only)")
+    _check_hypernetwork_widths(plan.hypernetworks, cfg.model, model)
     dev = resolve_device(cfg.device)
     if model is None:
         model = load_model(cfg.model, device=dev, dtype=resolve_precision(cfg.precision, dev),
@@ -123,10 +144,11 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     c_concat = None
     if model.unet.config.in_channels == 9:
         c_concat = inpaint_concat(grey_latent(model.vae, cfg.height, cfg.width, dev))
-    imgs, _ = sample_images(model, ptok, vectors, cfg.prompt, cfg.negative_prompt, sampler=cfg.sampler,
-                            karras=cfg.karras, steps=cfg.steps, cfg=cfg.cfg, seeds=seeds, width=cfg.width,
-                            height=cfg.height, clip_skip=cfg.clip_skip, c_concat=c_concat)
-    used = used_embeddings(ptok, cfg.prompt, cfg.negative_prompt)
+    with attached(model.unet, plan.hypernetworks, train=False):     # generation: dropout off
+        imgs, _ = sample_images(model, ptok, vectors, plan.prompt, plan.negative_prompt, sampler=cfg.sampler,
+                                karras=cfg.karras, steps=cfg.steps, cfg=cfg.cfg, seeds=seeds, width=cfg.width,
+                                height=cfg.height, clip_skip=cfg.clip_skip, c_concat=c_concat)
+    used = used_embeddings(ptok, plan.prompt, plan.negative_prompt)
     ti_hashes = {n: lib[n].shorthash for n in used if lib[n].shorthash}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
