@@ -17,3 +17,6 @@ from .sample.generate import generate, GenerateConfig, GenerateResult, GenerateE
 __all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "TrainConfig", "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
            "GenerateResult", "GenerateError"]
+
+from .preprocess import preprocess, PreprocessConfig, PreprocessResult  # noqa: E402
+__all__ += ["preprocess", "PreprocessConfig", "PreprocessResult"]

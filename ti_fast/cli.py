@@ -3,6 +3,7 @@
   ti-fast train ...        train an embedding (ti-fast train --demo: the tiny built-in demo)
   ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
   ti-fast generate ...     txt2img with embeddings
+  ti-fast preprocess SRC DST  images -> training-ready PNGs + captions (A1111's Preprocess images)
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
 """
 from __future__ import annotations
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
         add_generate_parser(sub)
     except ImportError:
         pass
+    from .preprocess.cli import add_preprocess_parser
+    add_preprocess_parser(sub)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):

@@ -30,6 +30,10 @@ MAX_PIXELS = 64 * 2**20
 _NUMBERS_AT_START = re.compile(r"^[-\d]+\s*")
 
 
+class PixelLimitError(DataError):
+    """An image over the pixel limit, found from its header before any pixel was decoded."""
+
+
 def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The decoded first frame of an image file, EXIF orientation applied. DataError (one line
     naming the file) for special files, images over `max_pixels` (checked from the header, before
@@ -44,15 +48,15 @@ def open_image(path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             with Image.open(path) as im:                     # reads the header only
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise DataError(f"image {path} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the "
-                                    f"{max_pixels / 1e6:.0f} MP limit (a decompression bomb or a huge scan): "
-                                    "downscale it first")
+                    raise PixelLimitError(f"image {path} is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the "
+                                          f"{max_pixels / 1e6:.0f} MP limit (a decompression bomb or a huge "
+                                          "scan): downscale it first")
                 im.load()
                 return ImageOps.exif_transpose(im)
     except DataError:
         raise
     except Image.DecompressionBombError as e:
-        raise DataError(f"image {path}: {e}; downscale it first") from None
+        raise PixelLimitError(f"image {path}: {e}; downscale it first") from None
     except Exception as e:  # Pillow raises many types on corrupt files; all mean "unusable"
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}; re-save or remove it") from None
 
