@@ -13,7 +13,7 @@ from preprocess_helpers import outputs, position_image
 from ti_fast.errors import ConfigError
 from ti_fast.preprocess import preprocess
 from ti_fast.preprocess.autosize import choose_size
-from ti_fast.preprocess.fit import fit_size
+from ti_fast.preprocess.fit import fit_size, plain_fit
 from ti_fast.preprocess.focal import combine, cover_size, crop_box, entropy, entropy_point, focal_crop
 from ti_fast.preprocess.split import plan_split
 
@@ -223,3 +223,5 @@ def test_plain_fit_sizes():
     assert fit_size(1000, 500, 512, 512, "crop", buckets=True) == (640, 384)
     assert fit_size(1000, 500, 512, 512, "none", buckets=True) == (768, 384)
     assert fit_size(300, 150, 512, 512, "none", buckets=True) == (300, 150)      # never upscaled
+    assert plain_fit(position_image(1000, 500), 512, 512, "none", buckets=True).size == (768, 384)
+    assert plain_fit(position_image(1000, 500), 512, 512, "squash").size == (512, 512)

@@ -94,7 +94,6 @@ def _one(cfg: PreprocessConfig, index: int, path: Path, dst: Path, dups: Duplica
         if dup.skipped:
             return _skip(res, warn, path, "duplicate", dup.line())
         warn(dup.line())
-    dups.add(path, sha, ph)
 
     try:
         caption = caption_text(path, cfg.filename_regex, cfg.join, cfg.caption_prefix, cfg.caption_suffix)
@@ -132,6 +131,7 @@ def _one(cfg: PreprocessConfig, index: int, path: Path, dst: Path, dups: Duplica
     if plan is None and not focal and not cfg.autosized_crop:
         outs.append(("fit", plain_fit(img, W, H, cfg.fit or "crop", cfg.buckets)))
 
+    dups.add(path, sha, ph)                     # later images are compared with the ones kept
     k = 0
     for kind, im in outs:
         for flipped in ((False, True) if cfg.flip else (False,)):
