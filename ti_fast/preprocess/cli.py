@@ -82,4 +82,7 @@ def cmd_preprocess(a) -> int:
     except UserError as e:
         print(f"ti-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # every file written so far is whole (atomic writes)
+        print("ti-fast: interrupted; the files written so far are complete", file=sys.stderr)
+        return 130
     return 0

@@ -22,6 +22,7 @@ OBJECTIVES = ("area", "error")
 
 @dataclass
 class PreprocessConfig:
+    """Every setting of a preprocess run; the `ti-fast preprocess` flags map 1:1 onto the fields."""
     src: str = ""                     # folder of source images; read only, never modified
     dst: str = ""                     # output folder; created; must not lie inside src
     # size and the plain fit (runs only when no other operation wrote anything for an image)
