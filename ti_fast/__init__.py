@@ -18,3 +18,6 @@ from .hypernetworks import read_hypernetwork as load_hypernetwork, Hypernetwork,
 __all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "TrainConfig", "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
            "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError"]
+
+from .preprocess import preprocess, PreprocessConfig, PreprocessResult  # noqa: E402
+__all__ += ["preprocess", "PreprocessConfig", "PreprocessResult"]

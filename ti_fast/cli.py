@@ -4,6 +4,7 @@
   ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
   ti-fast generate ...     txt2img with embeddings
   ti-fast create-hypernetwork NAME --model M ...   write a fresh A1111 hypernetwork
+  ti-fast preprocess SRC DST  images -> training-ready PNGs + captions (A1111's Preprocess images)
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
 """
 from __future__ import annotations
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
         pass
     from .hypernetworks.cli import add_hypernetwork_parsers
     add_hypernetwork_parsers(sub)
+    from .preprocess.cli import add_preprocess_parser
+    add_preprocess_parser(sub)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):

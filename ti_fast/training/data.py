@@ -19,7 +19,6 @@ Behaviour vs A1111 (modules/textual_inversion/dataset.py):
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from PIL import Image
 
 from ..errors import DataError
 from ..fsutil import kind_of, special_reason
-from ..images import IMAGE_EXTS, caption_for, load_image  # noqa: F401  (re-exported)
+from ..images import (IMAGE_EXTS, assign_bucket, caption_for, load_image, make_buckets,  # noqa: F401  (re-exported)
+                      source_box)
 
 
 RESIZE_MODES = ("crop", "squash")
@@ -81,22 +81,11 @@ def list_images(data_dir, recursive: bool = False, warn=None) -> list[Path]:
 
 # ----------------------------------------------------------------------------- pixels
 
-def _source_box(w: int, h: int, W: int, H: int, mode: str) -> tuple[float, float, float, float]:
-    """Region of the w×h source that maps onto the W×H output (sub-pixel, for Image.resize)."""
-    if mode == "squash":
-        return (0.0, 0.0, float(w), float(h))
-    if w * H > W * h:                      # source wider than target: trim left and right
-        cw = h * W / H
-        return ((w - cw) / 2, 0.0, (w + cw) / 2, float(h))
-    ch = w * H / W                         # source taller (or equal): trim top and bottom
-    return (0.0, (h - ch) / 2, float(w), (h + ch) / 2)
-
-
 def _fit(img: Image.Image, alpha: np.ndarray | None, width: int, height: int, mode: str):
     """-> (uint8 [3, H, W] tensor, uint8 [H, W] tensor or None): the compact stored form."""
     if mode not in RESIZE_MODES:
         raise DataError(f"unknown resize mode {mode!r}: use one of {', '.join(RESIZE_MODES)}")
-    box = _source_box(img.width, img.height, width, height, mode)
+    box = source_box(img.width, img.height, width, height, mode)
     out = img.resize((width, height), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
     pixels = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     a8 = None
@@ -129,35 +118,6 @@ def latent_weight(weight: torch.Tensor, factor: int = 8) -> torch.Tensor:
     w = torch.nn.functional.avg_pool2d(weight.reshape(-1, 1, *weight.shape[-2:]).float(), factor)
     mean = w.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
     return (w / mean).reshape(*lead, *w.shape[-2:])
-
-
-# ----------------------------------------------------------------------------- buckets
-
-def make_buckets(width: int, height: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(w, h) sizes, multiples of `step`, with about width×height pixels (never more) and aspect
-    ratio at most `max_ratio` either way (kohya-style), closed under swapping w and h. The
-    requested (width, height) is always one of them (it is only a multiple of 8). Sorted from
-    tallest to widest."""
-    if step % 8 or step < 8:
-        raise DataError(f"bucket step {step} must be a positive multiple of 8")
-    if max_ratio < 1:
-        raise DataError(f"bucket max ratio {max_ratio} must be at least 1")
-    area = width * height
-    out = {(width, height)}
-    w = step
-    while w * step <= area:
-        h = (area // w) // step * step
-        if h >= step and max(w, h) / min(w, h) <= max_ratio:
-            out |= {(w, h), (h, w)}   # mirrored too: portrait and landscape get the same choice
-        w += step
-    return sorted(out, key=lambda s: (s[0] / s[1], s[0]))
-
-
-def assign_bucket(img_w: int, img_h: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket with the closest aspect ratio (compared in log space, so 1:2 and 2:1 are
-    equally far from 1:1); ties go to the earlier bucket."""
-    r = math.log(img_w / img_h)
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - r))
 
 
 # ----------------------------------------------------------------------------- dataset
