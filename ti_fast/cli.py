@@ -129,26 +129,14 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_create(a) -> int:
-    from .embeddings import Embedding, save_pt, sanitize_name, init_vectors, EmbeddingError
-    from .loading import load_model, ModelLoadError
-    from pathlib import Path
-    if a.vectors < 1:
-        print(f"ti-fast: error: --vectors must be at least 1 (got {a.vectors})", file=sys.stderr)
-        return 2
+    from .embeddings import create_embedding_file
+    from .errors import UserError
     try:
-        name = sanitize_name(a.name)
-        model = load_model(a.model, tokenizer=a.tokenizer)
-    except (EmbeddingError, ModelLoadError) as e:
+        path = create_embedding_file(a.name, a.model, a.out, init_text=a.init_text, vectors=a.vectors,
+                                     tokenizer=a.tokenizer, overwrite=a.overwrite)
+    except UserError as e:
         print(f"ti-fast: error: {e}", file=sys.stderr)
         return 2
-    path = Path(a.out) / f"{name}.pt"
-    if path.exists() and not a.overwrite:
-        print(f"ti-fast: error: {path} exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
-    ids = model.tokenizer(a.init_text, add_special_tokens=False)["input_ids"]
-    vecs = init_vectors(model.text_encoder.token_table.detach().float().cpu(), ids, a.vectors)
-    save_pt(Embedding(name=name, vectors=vecs, step=0, sd_checkpoint=model.info.hash,
-                      sd_checkpoint_name=model.info.name, path=None), path)
     print(path)
     return 0
 
