@@ -4,6 +4,8 @@
   ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
   ti-fast generate ...     txt2img with embeddings
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
+  ti-fast inspect FILE...  what embedding files hold; --verify: which tools load them
+  ti-fast convert IN OUT   an embedding in another format (a1111, kohya, diffusers, png)
 """
 from __future__ import annotations
 
@@ -170,6 +172,7 @@ def main(argv=None) -> int:
         add_generate_parser(sub)
     except ImportError:
         pass
+    from .interop.cli import add_interop_parsers; add_interop_parsers(sub)  # noqa: E702  inspect, convert
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):
