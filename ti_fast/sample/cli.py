@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import sys
 
+# The sampler registry's names, spelled out so that building the parser (`ti-fast --help`) needs
+# no torch; tests/test_cli_startup.py checks it against the registry.
+SAMPLER_NAMES = ("euler_a", "euler", "ddim", "dpmpp_2m")
+
 
 def add_generate_parser(sub):
-    from .samplers import SAMPLERS
     g = sub.add_parser("generate", help="txt2img with embeddings; PNGs carry A1111 infotext")
     g.add_argument("--model", required=True, help="SD1.x checkpoint file or folder")
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
-    g.add_argument("--sampler", choices=list(SAMPLERS), default="euler_a", help="sampler (default: euler_a)")
+    g.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="euler_a", help="sampler (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")
     g.add_argument("--no-karras", dest="karras", action="store_false", help="the sampler's uniform schedule, also for dpmpp_2m")
     g.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
