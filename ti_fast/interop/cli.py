@@ -46,9 +46,14 @@ def _model_facts(model, tokenizer, want_tokenizer: bool):
     from ..loading.tokens import read_token_table, token_norm_stats
     tt = read_token_table(model)
     tok = None
-    if want_tokenizer:
+    if want_tokenizer:                         # for diffusers' vocabulary check only: without one,
+        from ..loading import ModelLoadError   # --verify says the check was not made
         from ..loading.tokenizer import tokenizer_for
-        tok, _ = tokenizer_for(tokenizer, tt.model_dir, tt.rows, tt.file)
+        try:
+            tok, _ = tokenizer_for(tokenizer, tt.model_dir, tt.rows, tt.file)
+        except ModelLoadError:
+            if tokenizer is not None:          # one the user named must work
+                raise
     return token_norm_stats(tt.table), tt.width, tok
 
 
@@ -128,10 +133,11 @@ def cmd_inspect(a) -> int:
         results = inspect_files(a.files, model=a.model, tokenizer=a.tokenizer, verify=a.verify)
     except UserError as e:                     # --model / --tokenizer: before any file is read
         return _fail(e)
+    text = "\n\n".join(format_text(r) for r in results if r.get("kind") is not None)
     if a.json:
         print(json.dumps(results, indent=2))
-    else:
-        print("\n\n".join(format_text(r) for r in results if r.get("kind") is not None))
+    elif text:
+        print(text)
     bad = [r for r in results if r.get("kind") is None]
     for r in bad:
         print(f"ti-fast: error: {r['error']}", file=sys.stderr)
