@@ -239,3 +239,10 @@ def test_embedding_reader_names_a_hypernetwork(tmp_path):
     assert is_hypernetwork_dict(torch.load(path, weights_only=True))
     with pytest.raises(EmbeddingError, match="hypernetwork, not an embedding"):
         read_embedding(path)
+
+
+def test_cli_names_match_the_modules():
+    """The torch-free names the CLI offers are exactly the activations the module builds."""
+    from ti_fast.hypernetworks.module import ACTIVATIONS
+    from ti_fast.hypernetworks.names import ACTIVATION_NAMES
+    assert tuple(ACTIVATIONS) == ACTIVATION_NAMES

@@ -12,7 +12,7 @@ import torch
 
 from hypernetwork_refs import a1111_load
 from ti_fast.cli import main
-from ti_fast.hypernetworks.attach import attentions
+from ti_fast.hypernetworks.hooks import attentions
 from ti_fast.hypernetworks import (attach, attached, detach, model_widths, new_hypernetwork, parse_extra_networks,
                                    read_hypernetwork, structure_from_options)
 from ti_fast.sample.generate import GenerateConfig, generate

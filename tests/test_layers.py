@@ -17,8 +17,8 @@ LAYERS = [
     ["models"],
     ["loading"],
     ["embeddings", "prompt", "infotext"],
-    ["hypernetworks", "preprocess"],
-    ["diffusion"],
+    ["hypernetworks", "preprocessing"],
+    ["diffusion", "interop"],
     ["training", "sample"],
     ["cli", "serve"],
     ["__init__"],
@@ -58,7 +58,7 @@ def _imports(name: str, pkg: bool, path: Path):
                 yield (f"{mod}.{a.name}" if mod in ("ti_fast", "ti_fast.diffusion", "ti_fast.sample",
                                                     "ti_fast.training", "ti_fast.loading", "ti_fast.models",
                                                     "ti_fast.embeddings", "ti_fast.hypernetworks",
-                                                    "ti_fast.preprocess", "ti_fast.serve") else mod), node.lineno
+                                                    "ti_fast.preprocessing", "ti_fast.serve") else mod), node.lineno
 
 
 def unit_of(module: str) -> str | None:

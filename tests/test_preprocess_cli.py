@@ -226,7 +226,7 @@ def test_without_opencv(tmp_path):
 
 
 def test_every_flag_in_the_readme():
-    from ti_fast.preprocess.cli import PREPROCESS_FLAGS, _flag
+    from ti_fast.preprocessing.cli import PREPROCESS_FLAGS, _flag
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("### `ti-fast preprocess SRC DST`")[1].split("\n### ")[0]
     for _, name, _ in PREPROCESS_FLAGS:

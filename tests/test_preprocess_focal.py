@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from preprocess_helpers import need, need_cv2, outputs
-from ti_fast.preprocess import preprocess
-from ti_fast.preprocess.focal import focal_crop
+from ti_fast.preprocessing import preprocess
+from ti_fast.preprocessing.focal import focal_crop
 
 # The face in the 512x512 astronaut photo, measured by hand on a 3x zoom: left and right cheek
 # edges, the hairline on the forehead, the chin. (left, top, right, bottom), px.

@@ -11,11 +11,11 @@ from PIL import Image
 
 from preprocess_helpers import outputs, position_image
 from ti_fast.errors import ConfigError
-from ti_fast.preprocess import preprocess
-from ti_fast.preprocess.autosize import choose_size
-from ti_fast.preprocess.fit import fit_size, plain_fit
-from ti_fast.preprocess.focal import combine, cover_size, crop_box, entropy, entropy_point, focal_crop
-from ti_fast.preprocess.split import plan_split
+from ti_fast.preprocessing import preprocess
+from ti_fast.preprocessing.autosize import choose_size
+from ti_fast.preprocessing.fit import fit_size, plain_fit
+from ti_fast.preprocessing.focal import combine, cover_size, crop_box, entropy, entropy_point, focal_crop
+from ti_fast.preprocessing.split import plan_split
 
 
 def spec_split(w, h, W, H, threshold, o):

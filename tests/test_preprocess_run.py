@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from preprocess_helpers import need, noise, outputs, position_image, tree_state
-from ti_fast.preprocess import preprocess
-from ti_fast.preprocess.dedupe import hamming, phash, phash_bits
+from ti_fast.preprocessing import preprocess
+from ti_fast.preprocessing.dedupe import hamming, phash, phash_bits
 
 
 def run(src, dst, **kw):

@@ -5,19 +5,42 @@
     result = ti_fast.train(ti_fast.TrainConfig(name="mycat", data="my-cat", model="v1-5.safetensors"))
     ti_fast.generate(ti_fast.GenerateConfig(model="v1-5.safetensors", prompt="a photo of mycat",
                                             embeddings=["embeddings"]))
+
+The names below are imported on first use (PEP 562), so `import ti_fast` — and `ti-fast --help`,
+which imports ti_fast.cli through this package — costs no torch import.
 """
+import importlib
+
 __version__ = "0.1.0"
 
-from .loading import load_model, make_tiny, ModelLoadError  # noqa: E402
-from .training.config import (TrainConfig, TrainError, ConfigError, NonFiniteLossError,  # noqa: E402
-                              OutOfMemoryError)
-from .training.loop import train, TrainResult  # noqa: E402
-from .sample.generate import generate, GenerateConfig, GenerateResult, GenerateError  # noqa: E402
-from .hypernetworks import read_hypernetwork as load_hypernetwork, Hypernetwork, HypernetworkError  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "load_model": "ti_fast.loading", "make_tiny": "ti_fast.loading", "ModelLoadError": "ti_fast.loading",
+    "TrainConfig": "ti_fast.training.config", "TrainError": "ti_fast.training.config",
+    "ConfigError": "ti_fast.training.config", "NonFiniteLossError": "ti_fast.training.config",
+    "OutOfMemoryError": "ti_fast.training.config",
+    "train": "ti_fast.training.loop", "TrainResult": "ti_fast.training.loop",
+    "generate": "ti_fast.sample.generate", "GenerateConfig": "ti_fast.sample.generate",
+    "GenerateResult": "ti_fast.sample.generate", "GenerateError": "ti_fast.sample.generate",
+    "load_hypernetwork": "ti_fast.hypernetworks", "Hypernetwork": "ti_fast.hypernetworks",
+    "HypernetworkError": "ti_fast.hypernetworks",
+    "preprocess": "ti_fast.preprocessing", "PreprocessConfig": "ti_fast.preprocessing",
+    "PreprocessResult": "ti_fast.preprocessing",
+    "UserError": "ti_fast.errors", "RunCrashed": "ti_fast.errors",
+}
 
 __all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "TrainConfig", "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
-           "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError"]
+           "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError",
+           "preprocess", "PreprocessConfig", "PreprocessResult", "UserError", "RunCrashed"]
 
-from .preprocess import preprocess, PreprocessConfig, PreprocessResult  # noqa: E402
-__all__ += ["preprocess", "PreprocessConfig", "PreprocessResult"]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ti_fast' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,6 +6,8 @@
   ti-fast create-hypernetwork NAME --model M ...   write a fresh A1111 hypernetwork
   ti-fast preprocess SRC DST  images -> training-ready PNGs + captions (A1111's Preprocess images)
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
+  ti-fast inspect FILE...  what embedding files hold; --verify: which tools load them
+  ti-fast convert IN OUT   an embedding in another format (a1111, kohya, diffusers, png)
 """
 from __future__ import annotations
 
@@ -163,26 +165,14 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_create(a) -> int:
-    from .embeddings import Embedding, save_pt, sanitize_name, init_vectors, EmbeddingError
-    from .loading import load_model, ModelLoadError
-    from pathlib import Path
-    if a.vectors < 1:
-        print(f"ti-fast: error: --vectors must be at least 1 (got {a.vectors})", file=sys.stderr)
-        return 2
+    from .embeddings import create_embedding_file
+    from .errors import UserError
     try:
-        name = sanitize_name(a.name)
-        model = load_model(a.model, tokenizer=a.tokenizer)
-    except (EmbeddingError, ModelLoadError) as e:
+        path = create_embedding_file(a.name, a.model, a.out, init_text=a.init_text, vectors=a.vectors,
+                                     tokenizer=a.tokenizer, overwrite=a.overwrite)
+    except UserError as e:
         print(f"ti-fast: error: {e}", file=sys.stderr)
         return 2
-    path = Path(a.out) / f"{name}.pt"
-    if path.exists() and not a.overwrite:
-        print(f"ti-fast: error: {path} exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
-    ids = model.tokenizer(a.init_text, add_special_tokens=False)["input_ids"]
-    vecs = init_vectors(model.text_encoder.token_table.detach().float().cpu(), ids, a.vectors)
-    save_pt(Embedding(name=name, vectors=vecs, step=0, sd_checkpoint=model.info.hash,
-                      sd_checkpoint_name=model.info.name, path=None), path)
     print(path)
     return 0
 
@@ -218,8 +208,10 @@ def main(argv=None) -> int:
         pass
     from .hypernetworks.cli import add_hypernetwork_parsers
     add_hypernetwork_parsers(sub)
-    from .preprocess.cli import add_preprocess_parser
+    from .preprocessing.cli import add_preprocess_parser
     add_preprocess_parser(sub)
+    from .interop.cli import add_interop_parsers
+    add_interop_parsers(sub)                               # inspect, convert
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):

@@ -7,13 +7,19 @@ modules/textual_inversion/textual_inversion.py):
     (empty init text -> zeros)
 
 so "a dog" (k=2) into n=4 vectors gives rows [a, a, dog, dog]. The caller tokenizes (no
-BOS/EOS); this module needs only the token-embedding table.
+BOS/EOS); this module needs only the token-embedding table. `create_embedding_file` is
+`ti-fast create`: it refuses an existing output before reading anything, reads only the
+model's token table (ti_fast.loading.tokens), and writes sd_checkpoint and sd_checkpoint_name
+as None, as A1111's create_embedding does (nothing has been trained on any model yet).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from ti_fast.embeddings.formats import Embedding, EmbeddingError
+from ti_fast.embeddings.formats import Embedding, EmbeddingError, save_pt
+from ti_fast.fsutil import check_writable_dir
 
 # A 77-token CLIP window holds 75 prompt tokens; a longer embedding can never fit in one chunk.
 MAX_VECTORS = 75
@@ -57,3 +63,23 @@ def init_vectors(token_table: torch.Tensor, token_ids: list[int], n: int) -> tor
 def create_embedding(name: str, token_table: torch.Tensor, token_ids: list[int], n: int) -> Embedding:
     """A fresh embedding at step 0 named by sanitize_name(name); not yet saved (path None)."""
     return Embedding(name=sanitize_name(name), vectors=init_vectors(token_table, token_ids, n), step=0)
+
+
+def create_embedding_file(name: str, model, out_dir="embeddings", init_text: str = "*", vectors: int = 1,
+                          tokenizer=None, overwrite: bool = False) -> Path:
+    """Writes OUT_DIR/NAME.pt: a fresh A1111 embedding at step 0 from `model`'s token table.
+    Every check that needs no model comes first (name, vector count, existing output, output
+    folder); then only the token table and the tokenizer are read, never the whole model."""
+    from ti_fast.loading.tokenizer import tokenizer_for
+    from ti_fast.loading.tokens import read_token_table
+    name = sanitize_name(name)
+    if not 1 <= int(vectors) <= MAX_VECTORS:
+        raise EmbeddingError(f"--vectors must be 1..{MAX_VECTORS} (got {vectors})")
+    path = Path(out_dir) / f"{name}.pt"
+    if path.exists() and not overwrite:
+        raise EmbeddingError(f"{path} exists (pass --overwrite to replace it)")
+    check_writable_dir(out_dir, "--out")
+    tt = read_token_table(model)
+    tok, _ = tokenizer_for(tokenizer, tt.model_dir, tt.rows, tt.file)
+    ids = tok(init_text, add_special_tokens=False)["input_ids"]
+    return save_pt(Embedding(name=name, vectors=init_vectors(tt.table, ids, int(vectors)), step=0), path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,8 +196,11 @@ def load_torch_dict(path: Path):
     """torch.load with weights_only=True; the one extra class allowed is nn.ParameterDict
     (original-TI files). A malicious pickle is refused before anything in it runs."""
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)       # "Detected pickle protocol 4 ..." (legacy files)
+            # A file object, not the path: torch.load reads a path named *.safetensors with safetensors.
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         # torch's message names the refused global on a line "Unsupported global: GLOBAL x.y".

@@ -253,20 +253,29 @@ def read_png_embedding(source, width: int | None = None) -> Embedding | None:
         return _embedding_from_image(image, path, width)
 
 
-def _embedding_from_image(image: Image.Image, path: Path | None, width: int | None) -> Embedding | None:
+def embedding_data_from_image(image: Image.Image, where=None) -> tuple[dict | None, str | None]:
+    """(the stored .pt dict, "chunk" or "pixels") as A1111 reads an image: the tEXt chunk first,
+    then the pixels; (None, None) for an ordinary picture. EmbeddingError for a damaged one."""
     text = getattr(image, "text", None) or {}  # PNG text chunks, also those after IDAT
     chunk = text.get(CHUNK_KEY) or image.info.get(CHUNK_KEY)
     if chunk:
         try:
-            data = _from_json(base64.b64decode(chunk))
+            data, encoding = _from_json(base64.b64decode(chunk)), "chunk"
         except (ValueError, UnicodeDecodeError) as e:
-            raise _error(path, f"damaged {CHUNK_KEY} chunk ({e})") from e
+            raise _error(where, f"damaged {CHUNK_KEY} chunk ({e})") from e
     else:
-        data = extract_data_from_pixels(image, where=path)
+        data, encoding = extract_data_from_pixels(image, where=where), "pixels"
         if data is None:
-            return None
+            return None, None
     if not isinstance(data, dict):
-        raise _error(path, "image embedding data is not a dict")
+        raise _error(where, "image embedding data is not a dict")
+    return data, encoding
+
+
+def _embedding_from_image(image: Image.Image, path: Path | None, width: int | None) -> Embedding | None:
+    data, _ = embedding_data_from_image(image, path)
+    if data is None:
+        return None
     stored = data.get("name")
     # Image embeddings are named by their stored name (A1111), not the file stem.
     name = stored if isinstance(stored, str) and stored else (path.stem if path else "embedding")
@@ -274,5 +283,5 @@ def _embedding_from_image(image: Image.Image, path: Path | None, width: int | No
 
 
 __all__ = ["CHUNK_KEY", "EmbeddingError", "caption_overlay", "default_caption", "embedding_chunk_text",
-           "embedding_to_png", "extract_data_from_pixels", "insert_data_in_pixels", "lcg_keystream",
-           "read_png_embedding", "save_png_embedding"]
+           "embedding_data_from_image", "embedding_to_png", "extract_data_from_pixels", "insert_data_in_pixels",
+           "lcg_keystream", "read_png_embedding", "save_png_embedding"]

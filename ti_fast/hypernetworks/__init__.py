@@ -4,7 +4,7 @@
     hypernetwork.py  Hypernetwork: (k, v) module pair per width + metadata; file dict, save, snapshot/restore
     format.py        read_hypernetwork (weights-only, explicit allow-list), describe, HypernetworkError
     create.py        new_hypernetwork, structure_from_options, model_widths (from the header), sanitize_name
-    attach.py        attach / detach / attached: kv hooks on the UNet's CrossAttention modules
+    hooks.py         attach / detach / attached: kv hooks on the UNet's CrossAttention modules
     tags.py          <hypernet:NAME:STRENGTH> parsing, find_hypernetworks, plan_prompts (generation)
     cli.py           `ti-fast create-hypernetwork`
 
@@ -34,16 +34,24 @@ The hook computes in fp32 and casts back to the UNet's dtype; it has no host syn
 branching on tensor values (gradient checkpointing, channels_last, CUDA graphs); dropout masks
 are a hash of hn.dropout_seed, so a checkpointed block recomputes the same mask.
 """
-from .attach import attach, attached, detach, unet_widths
-from .create import check_widths, model_widths, new_hypernetwork, sanitize_name, structure_from_options
-from .format import (HypernetworkError, NotAHypernetworkError, describe, is_hypernetwork_dict,
-                     looks_like_embedding, read_hypernetwork)
-from .hypernetwork import Hypernetwork
-from .module import ACTIVATIONS, INITS, HypernetworkModule, Structure
-from .tags import find_hypernetworks, parse_extra_networks, plan_prompts
+import importlib
 
-__all__ = ["Hypernetwork", "HypernetworkModule", "Structure", "ACTIVATIONS", "INITS", "HypernetworkError",
-           "NotAHypernetworkError", "read_hypernetwork", "describe", "is_hypernetwork_dict", "looks_like_embedding",
-           "new_hypernetwork", "structure_from_options", "model_widths", "check_widths", "sanitize_name",
-           "attach", "detach", "attached", "unet_widths", "find_hypernetworks", "parse_extra_networks",
-           "plan_prompts"]
+# public name -> the module that defines it, imported on first use (PEP 562): registering the
+# `create-hypernetwork` subcommand (ti-fast --help) must not import torch.
+_EXPORTS = {
+    **dict.fromkeys(("attach", "attached", "detach", "unet_widths"), ".hooks"),
+    **dict.fromkeys(("check_widths", "model_widths", "new_hypernetwork", "sanitize_name",
+                     "structure_from_options"), ".create"),
+    **dict.fromkeys(("HypernetworkError", "NotAHypernetworkError", "describe", "is_hypernetwork_dict",
+                     "looks_like_embedding", "read_hypernetwork", "load_hypernetwork"), ".format"),
+    "Hypernetwork": ".hypernetwork",
+    **dict.fromkeys(("ACTIVATIONS", "INITS", "HypernetworkModule", "Structure"), ".module"),
+    **dict.fromkeys(("find_hypernetworks", "parse_extra_networks", "plan_prompts"), ".tags"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .module import ACTIVATIONS, INITS
+from .names import ACTIVATION_NAMES, INITS
 
 
 def add_hypernetwork_parsers(sub) -> None:
@@ -18,7 +18,7 @@ def add_hypernetwork_parsers(sub) -> None:
     c.add_argument("--layer-structure", default="1,2,1", metavar="1,2,1",
                    help="width multipliers of the MLP, first and last 1 (default: 1,2,1)")
     # choices are checked by structure_from_options: a wrong value is one line, not argparse's usage block
-    c.add_argument("--activation", default="linear", metavar="|".join(ACTIVATIONS),
+    c.add_argument("--activation", default="linear", metavar="|".join(ACTIVATION_NAMES),
                    help="activation after every Linear but the last (default: linear = none; swish = Hardswish)")
     c.add_argument("--init", default="normal", metavar="|".join(INITS),
                    help="weight initialisation (default: normal = N(0, 0.01)); LayerNorm weights are N(0, 0.01) always")

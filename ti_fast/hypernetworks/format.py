@@ -234,3 +234,6 @@ def comfyui_differences(s: Structure) -> list[str]:
         if s.layer_norm:
             out.append("places dropout differently (layer norm shifts its layer count)")
     return out
+
+
+load_hypernetwork = read_hypernetwork          # the public name (ti_fast.load_hypernetwork)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .names import INITS  # noqa: F401  (re-exported)
+
 # Loaded by both A1111 and ComfyUI; what create offers. "swish" is Hardswish in both (not SiLU).
 ACTIVATIONS = {
     "linear": None, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish,
@@ -36,9 +38,6 @@ A1111_ONLY_ACTIVATIONS = {
     "logsigmoid": nn.LogSigmoid, "softplus": nn.Softplus, "softshrink": nn.Softshrink,
     "hardshrink": nn.Hardshrink, "tanhshrink": nn.Tanhshrink,
 }
-# --init spelling -> the file's weight_initialization value (A1111's UI choices).
-INITS = {"normal": "Normal", "xavier_uniform": "XavierUniform", "xavier_normal": "XavierNormal",
-         "kaiming_uniform": "KaimingUniform", "kaiming_normal": "KaimingNormal"}
 DEFAULT_DROPOUT = 0.3       # A1111's p when a file has use_dropout but no dropout_structure
 _M32 = 0xFFFFFFFF
 

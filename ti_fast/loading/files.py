@@ -110,6 +110,29 @@ def _safetensors_header(path: Path) -> tuple[dict, dict]:
     return header, meta
 
 
+def read_safetensors_tensor(path, name: str, header: dict | None = None) -> torch.Tensor:
+    """One tensor of a .safetensors file by plain reads, no mmap: the header, then exactly that
+    tensor's bytes (create and inspect --model need one [49408, 768] table out of a 2 GB file).
+    header: the `_safetensors_header` entries when already parsed."""
+    path = Path(path)
+    if header is None:
+        header, _ = _safetensors_header(path)
+    ent = header.get(name)
+    if ent is None:
+        raise refuse(path, f"no tensor {name!r}")
+    begin, end = ent["data_offsets"]
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n + begin)
+        buf = bytearray(end - begin)
+        if f.readinto(buf) != len(buf):
+            raise refuse(path, "truncated while reading a tensor (incomplete download? download it again)")
+    dtype = ST_DTYPES[ent["dtype"]]
+    if not buf:                                   # frombuffer refuses an empty buffer
+        return torch.empty(tuple(ent["shape"]), dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(tuple(ent["shape"]))   # safetensors is little-endian
+
+
 def _open_safetensors(path: Path) -> WeightFile:
     from safetensors import safe_open
     header, meta = _safetensors_header(path)

@@ -27,7 +27,7 @@ from .files import WeightFile, open_weights
 from .hashes import file_hashes, folder_sha256
 from .keys import (meta_model, UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, CLIP_PREFIX_OLD, expected_shapes,
                    from_diffusers_map, clip_canonical, is_vae_attn_matrix)
-from .tokenizer import SD_VOCAB_SIZE, resolve_tokenizer
+from .tokenizer import tokenizer_for
 
 _MODELS = {"unet": (UNet, "UNet"), "vae": (VAE, "VAE"), "clip": (CLIPTextEncoder, "text encoder")}
 # Old diffusers VAE attention names (before 0.14), still found in some folders.
@@ -328,24 +328,12 @@ def load_model(path, *, device="cpu", dtype=torch.float32, vae=None, tokenizer=N
         vae_path = Path(vae).expanduser().resolve()
         parts["vae"], cfgs["vae"], vwf = _load_vae(vae_path, cfgs["vae"], device, dtype)
         wfs.append(vwf)
-    tok, tok_src = _tokenizer(tokenizer, model_dir, cfgs["clip"], path)
+    tok, tok_src = tokenizer_for(tokenizer, model_dir, cfgs["clip"].vocab_size, path)
     info = ModelInfo(variant=variant, config={k: v.to_dict() for k, v in cfgs.items()}, dtype=dtype, name=name,
                      path=str(path), layout=layout, file_dtype=_file_dtype(wfs), ema=ema,
                      vae_path=str(vae_path) if vae_path else None, tokenizer_source=tok_src,
                      weight_files=[str(p) for p in hashed])
     return SDModel(parts["unet"], parts["vae"], parts["clip"], tok, info)
-
-
-def _tokenizer(tokenizer, model_dir: Path, ccfg: CLIPConfig, path: Path):
-    rows = ccfg.vocab_size
-    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
-        tok, src = tokenizer, type(tokenizer).__name__           # a ready CLIPTokenizer
-    else:
-        tok, src = resolve_tokenizer(model_dir, tokenizer, min_size=SD_VOCAB_SIZE if rows >= SD_VOCAB_SIZE else 514)
-    if len(tok) > rows:
-        raise refuse(path, f"tokenizer from {src} has {len(tok)} tokens but the text encoder's table has "
-                           f"{rows} rows: pass the model's own tokenizer (--tokenizer DIR)")
-    return tok, src
 
 
 __all__ = ["load_model", "SDModel", "ModelInfo", "ModelLoadError"]

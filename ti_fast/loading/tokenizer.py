@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +29,10 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SD_VOCAB_SIZE = 49408
 SD_NUM_MERGES = 49152 - 256 - 2            # 48894: OpenAI keeps this many lines of the file
 HF_CLIP_REPO = "openai/clip-vit-large-patch14"
+# transformers' per-instance "already warned" key for the over-long sequence warning.
+LONG_SEQUENCE_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+# Seconds to wait for the hub before calling it unreachable ($TI_FAST_HUB_TIMEOUT overrides).
+HUB_TIMEOUT_S = 2.0
 
 # Words the tiny tokenizer learns as single tokens: prompt vocabulary used by tests, templates
 # (A1111's "a photo of a [name]", "a painting in the style of [name]") and ordinary English.
@@ -137,6 +142,11 @@ def _check(tok, source: str, min_size: int):
                              f"{EOS} last): missing or broken vocab.json/merges.txt")
     tok.model_max_length = 77
     tok.pad_token = EOS
+    # ti-fast tokenizes whole prompts and cuts them into 75-token chunks itself, so transformers'
+    # "Token indices sequence length is longer than ... (N > 77)" warning is wrong here. It is
+    # silenced on this instance only (the flag transformers sets after warning once), not through
+    # transformers' process-wide logging.
+    tok.deprecation_warnings[LONG_SEQUENCE_WARNING] = True
     return tok
 
 
@@ -181,9 +191,56 @@ def _build_once(bpe: Path, built: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def hub_answers(timeout: float | None = None) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT) answers a HEAD request for the tokenizer's
+    vocab.json within `timeout` seconds. Without a network, huggingface_hub's own lookups retry
+    for minutes (a DNS lookup that hangs is bounded by no socket timeout), so the probe runs on a
+    daemon thread and we stop waiting at the deadline. Any HTTP answer counts: the hub is there."""
+    import urllib.error
+    import urllib.request
+    from huggingface_hub import constants
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("TI_FAST_HUB_TIMEOUT", HUB_TIMEOUT_S))
+        except ValueError:
+            timeout = HUB_TIMEOUT_S
+    url = f"{constants.ENDPOINT.rstrip('/')}/{HF_CLIP_REPO}/resolve/main/vocab.json"
+    answered: list[bool] = []
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None                    # a 3xx is an answer; following it could hang again
+
+    def probe():
+        try:
+            opener = urllib.request.build_opener(NoRedirect)
+            with opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except Exception:                  # refused, unresolvable, timed out, bad URL
+            answered.append(False)
+
+    th = threading.Thread(target=probe, name="ti-fast-hub-probe", daemon=True)
+    th.start()
+    th.join(timeout)
+    return bool(answered and answered[0])
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or \
         os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _hf_cache_folder() -> Path | None:
+    """The local HF cache's snapshot folder holding HF_CLIP_REPO's vocab.json and merges.txt, found
+    on disk only: transformers' own local_files_only lookup still builds hub request headers, for
+    which huggingface_hub fetches a registry from the hub (seconds lost without a network)."""
+    from huggingface_hub import try_to_load_from_cache
+    found = [try_to_load_from_cache(HF_CLIP_REPO, name) for name in ("vocab.json", "merges.txt")]
+    if all(isinstance(p, str) for p in found) and Path(found[0]).parent == Path(found[1]).parent:
+        return Path(found[0]).parent
+    return None
 
 
 def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_SIZE):
@@ -196,13 +253,12 @@ def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_S
     if model_dir is not None and (Path(model_dir) / "tokenizer" / "vocab.json").is_file():
         src = Path(model_dir) / "tokenizer"
         return load_tokenizer_dir(src, min_size), str(src)
-    from transformers import CLIPTokenizer
-    try:
-        tok = CLIPTokenizer.from_pretrained(HF_CLIP_REPO, local_files_only=True)
-        if len(tok) >= min_size:
-            return _check(tok, f"HF cache {HF_CLIP_REPO}", min_size), f"hf-cache:{HF_CLIP_REPO}"
-    except (OSError, ValueError):
-        pass
+    cached = _hf_cache_folder()
+    if cached is not None:
+        try:
+            return load_tokenizer_dir(cached, min_size), f"hf-cache:{HF_CLIP_REPO}"
+        except ModelLoadError:
+            pass
     built = cache_dir() / "tokenizer"
     if (built / "vocab.json").is_file():
         return load_tokenizer_dir(built, min_size), str(built)
@@ -210,12 +266,27 @@ def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_S
     if bpe is not None:
         _build_once(bpe, built)
         return load_tokenizer_dir(built, min_size), str(built)
-    if not _offline():
+    if not _offline() and hub_answers():
+        from transformers import CLIPTokenizer
         try:
             tok = CLIPTokenizer.from_pretrained(HF_CLIP_REPO)
             return _check(tok, HF_CLIP_REPO, min_size), f"hub:{HF_CLIP_REPO}"
         except (OSError, ValueError):
             pass
-    raise ModelLoadError("no CLIP tokenizer found: pass --tokenizer DIR (vocab.json + merges.txt), "
-                         "or `pip install --no-deps clip-anytorch` (ships OpenAI's BPE file), "
-                         f"or download {HF_CLIP_REPO} into the HF cache")
+    raise ModelLoadError("no CLIP tokenizer found (and no hub to download it from): pass --tokenizer DIR "
+                         "(vocab.json + merges.txt), or `pip install --no-deps clip-anytorch` (ships OpenAI's "
+                         f"BPE file, 1.4 MB), or download {HF_CLIP_REPO} into the HF cache")
+
+
+def tokenizer_for(tokenizer, model_dir, rows: int, where):
+    """The tokenizer of a model whose token table has `rows` rows: a ready CLIPTokenizer as given,
+    else resolve_tokenizer (the SD size needed when the table has SD's rows). Refuses one with
+    more tokens than the table has rows. Returns (tokenizer, source)."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        tok, src = tokenizer, type(tokenizer).__name__           # a ready CLIPTokenizer
+    else:
+        tok, src = resolve_tokenizer(model_dir, tokenizer, min_size=SD_VOCAB_SIZE if rows >= SD_VOCAB_SIZE else 514)
+    if len(tok) > rows:
+        raise ModelLoadError(f"{Path(where).name}: tokenizer from {src} has {len(tok)} tokens but the text "
+                             f"encoder's table has {rows} rows: pass the model's own tokenizer (--tokenizer DIR)")
+    return tok, src

@@ -84,7 +84,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
         self.attn_fn = attention_sdpa  # set by attention.set_attention_backend
         # None, or a plain callable ctx -> (ctx_k, ctx_v) transforming the inputs of to_k / to_v
-        # (same shapes and dtype). Set and cleared per instance by ti_fast.hypernetworks.attach;
+        # (same shapes and dtype). Set and cleared per instance by ti_fast.hypernetworks.hooks;
         # not an nn.Module, so it never enters this model's parameters or state_dict.
         self.kv_hook = None
 

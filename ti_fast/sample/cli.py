@@ -1,9 +1,12 @@
 """`ti-fast generate`: argument parsing for txt2img (the work is in generate.py)."""
 from __future__ import annotations
 
+# The sampler registry's names, spelled out so that building the parser (`ti-fast --help`) needs
+# no torch; tests/test_cli_startup.py checks it against the registry.
+SAMPLER_NAMES = ("euler_a", "euler", "ddim", "dpmpp_2m")
+
 
 def add_generate_parser(sub):
-    from ..diffusion.samplers import SAMPLERS
     g = sub.add_parser("generate", help="txt2img with embeddings; PNGs carry A1111 infotext")
     g.add_argument("--model", required=True, help="SD1.x checkpoint file or folder")
     g.add_argument("--prompt", required=True, help="prompt; an embedding's trigger word (its file stem) expands to its vectors")
@@ -11,7 +14,7 @@ def add_generate_parser(sub):
     g.add_argument("--embeddings", nargs="*", default=[], metavar="DIR|FILE", help="embedding folders (recursive) or files")
     g.add_argument("--hypernetworks", nargs="*", default=[], metavar="DIR|FILE",
                    help="hypernetwork folders (recursive, *.pt) or files: <hypernet:NAME:STRENGTH> in a prompt applies NAME")
-    g.add_argument("--sampler", default="euler_a", help=f"sampler: {', '.join(SAMPLERS)} or A1111's label, "
+    g.add_argument("--sampler", default="euler_a", help=f"sampler: {', '.join(SAMPLER_NAMES)} or A1111's label, "
                    "e.g. 'Euler a', 'DPM++ 2M' (default: euler_a)")
     g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp_2m uses them by default)")
     g.add_argument("--no-karras", dest="karras", action="store_false", help="the sampler's uniform schedule, also for dpmpp_2m")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..errors import ConfigError, DataError, FileKindError
 from ..fsutil import check_writable_dir, kind_of
-from .opencv import require_opencv
 
 FITS = ("crop", "squash", "none")
 OBJECTIVES = ("area", "error")
@@ -121,6 +120,7 @@ def check_settings(c: PreprocessConfig) -> None:
     if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 64:
         raise ConfigError(f"--dedupe-distance {d!r} must be a whole number from 0 to 64 (bits of the 64-bit hash)")
     if c.focal_crop:
+        from .opencv import require_opencv      # numpy/PIL/cv2 only when needed
         require_opencv()
 
 

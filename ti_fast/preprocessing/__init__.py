@@ -14,8 +14,16 @@
   cli.py       the `ti-fast preprocess` argument parser
 Nothing here imports ti_fast.training or ti_fast.sample.
 """
-from .config import PreprocessConfig
-from .pipeline import preprocess, run
-from .report import PreprocessResult
+import importlib
 
-__all__ = ["preprocess", "run", "PreprocessConfig", "PreprocessResult"]
+# public name -> the module that defines it, imported on first use (PEP 562): registering the
+# `preprocess` subcommand (ti-fast --help) must not import numpy or PIL.
+_EXPORTS = {"preprocess": ".pipeline", "run": ".pipeline", "PreprocessConfig": ".config",
+            "PreprocessResult": ".report"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
