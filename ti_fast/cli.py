@@ -76,10 +76,11 @@ TRAIN_FLAGS = [
     ("previews", "preview_prompt", "preview prompt (None: a training prompt)"),
     ("previews", "preview_negative", "preview negative prompt"),
     ("previews", "preview_seed", "preview seed (fixed, so previews compare across steps)"),
-    ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m"),
+    ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m, or A1111's label ('Euler a', 'DPM++ 2M')"),
     ("previews", "preview_steps", "preview sampling steps"),
     ("previews", "preview_cfg", "preview CFG scale"),
-    ("previews", "png_embed", "at each preview step also write image_embeddings/NAME-STEP.png carrying the vectors"),
+    ("previews", "png_embed", "at each preview step also write image_embeddings/NAME-STEP.png carrying the vectors "
+     "(needs --preview-every; refused alone)"),
 ]
 
 
