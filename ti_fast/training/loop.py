@@ -38,14 +38,14 @@ from .outputs import RunRecord
 from .preflight import plan as make_plan
 from .previews import Previewer
 from .step import TrainStep, build_step  # noqa: F401  (TrainStep: the class tests patch)
-from .trainable import EmbeddingTrainable
+from .trainable import trainable_for
 
 
 @dataclass
 class TrainResult:
     name: str
-    embedding: Path                 # NAME.pt (A1111 format)
-    embedding_safetensors: Path     # NAME.safetensors (emb_params)
+    embedding: Path | None          # NAME.pt (A1111 format); None for a hypernetwork
+    embedding_safetensors: Path | None   # NAME.safetensors (emb_params); None for a hypernetwork
     log_dir: Path
     steps: int                      # completed optimizer steps (total, including earlier runs)
     final_loss: float | None
@@ -54,6 +54,8 @@ class TrainResult:
     samples_per_s: float = 0.0
     peak_memory_gib: float | None = None
     files: dict = field(default_factory=dict)
+    hypernetwork: Path | None = None     # a hypernetwork run: NAME.pt (A1111 format)
+    kind: str = "embedding"
 
 
 def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=None,
@@ -69,7 +71,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     with RunLock(plan.log_dir):
         tm = load_for_training(cfg, say)                                        # 2. model
         model = tm.model
-        trainable = EmbeddingTrainable.for_run(plan, model, tm.device)          # 3. what is trained
+        trainable = trainable_for(plan, model, tm.device)                       # 3. what is trained
         data = build_training_data(plan, tm, trainable, say)                    # 4. data
         gen = torch.Generator(device=tm.device).manual_seed(plan.seed)
         graph = cfg.cuda_graph and tm.device.type == "cuda" and not cfg.offload
@@ -190,7 +192,7 @@ def _settings(plan, tm, step, data, trainable) -> dict:
             "ran": ran, "seed": plan.seed, "device": str(tm.device), "dtype": str(tm.dtype),
             "model": {"name": model.info.name, "hash": model.info.hash, "path": str(model.info.path),
                       "variant": model.info.variant},
-            "images": len(data.items), "kind": trainable.kind, "vectors": int(trainable.vectors.shape[0]),
+            "images": len(data.items), **trainable.settings(),
             "start_step": plan.start_step, "end_step": plan.end_step, "versions": _versions()}
 
 
@@ -201,8 +203,9 @@ def _finish(run: _Run, tm, say) -> TrainResult:
     wall = time.perf_counter() - (run.t0 or time.perf_counter())
     peak = torch.cuda.max_memory_allocated(tm.device) / 2**30 if tm.device.type == "cuda" else None
     run.record.update(wall_time_s=round(wall, 3), status=run.status, steps_done=run.n)
-    res = TrainResult(name=plan.name, embedding=plan.pt_path, embedding_safetensors=plan.st_path,
-                      log_dir=plan.log_dir, steps=run.n, final_loss=run.ckpt.last_loss, status=run.status,
+    fields = {"embedding": None, "embedding_safetensors": None, **run.trainable.result_fields(plan.out_dir)}
+    res = TrainResult(name=plan.name, **fields, kind=run.trainable.kind, log_dir=plan.log_dir, steps=run.n,
+                      final_loss=run.ckpt.last_loss, status=run.status,
                       wall_time=wall, samples_per_s=(run.samples / wall if wall > 0 else 0.0), peak_memory_gib=peak,
                       files={"loss_csv": plan.log_dir / "loss.csv", "loss_png": plan.log_dir / "loss.png",
                              "settings": plan.log_dir / "settings.json", "state": plan.state_path})
@@ -210,7 +213,9 @@ def _finish(run: _Run, tm, say) -> TrainResult:
     loss = run.ckpt.last_loss
     say(f"ti-fast: {run.status} at step {run.n}/{plan.end_step} in {wall:.1f} s "
         f"({res.samples_per_s:.2f} samples/s{mem}); final loss {loss if loss is None else round(loss, 5)}")
-    say(f"  embedding: {plan.pt_path}  (+ {plan.st_path.name})\n  log:       {plan.log_dir}")
+    outs = run.trainable.output_paths(plan.out_dir)
+    also = f"  (+ {', '.join(p.name for p in outs[1:])})" if outs[1:] else ""
+    say(f"  {run.trainable.kind}: {outs[0]}{also}\n  log:       {plan.log_dir}")
     return res
 
 

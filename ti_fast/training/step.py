@@ -5,8 +5,9 @@ Per micro-batch (B images of one size):
   ctx  = trainable.context(text_encoder, mb)                          [B, 77, 768]
   t ~ U{0..999}, ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε              [B, 4, h, w]
   loss = mean((unet(x_t, t, ctx) − ε)² · weight)                        scalar, fp32
-Only the trainable's parameters (fp32 masters: an embedding's vectors [N, 768]) receive a
-gradient; UNet and text encoder are frozen (requires_grad False), so backward computes input
+Only the trainable's parameters (fp32 masters: an embedding's vectors [N, 768], or a
+hypernetwork's module weights, which act inside the UNet) receive a gradient; UNet and text
+encoder are frozen (requires_grad False), so backward computes input
 gradients only. Nothing here synchronises with the host: the loss and a finiteness flag stay on
 the device.
 """
@@ -85,6 +86,8 @@ class TrainStep:
         if isinstance(trainable, torch.Tensor):
             trainable = EmbeddingTrainable(trainable)
         self.unet, self.text_encoder, self.trainable = unet, text_encoder, trainable
+        # device-side work before each micro-batch's forward (a hypernetwork's dropout seed)
+        self.before_micro_batch = getattr(trainable, "before_micro_batch", None)
         self.params = list(trainable.parameters())
         self.vectors = getattr(trainable, "vectors", None)    # an embedding's [N, D] (tests, bench)
         self.device = self.params[0].device
@@ -116,6 +119,8 @@ class TrainStep:
         total = torch.zeros((), device=self.device)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         for mb in micro_batches:
+            if self.before_micro_batch is not None:
+                self.before_micro_batch()
             noise, t = self.draw(mb)
             loss = ti_loss(self.unet, self.text_encoder, self.trainable, mb, noise, t,
                            self.sqrt_a, self.sqrt_1ma, self.clip_skip)
