@@ -70,7 +70,7 @@ def test_outputs_are_a1111_files(trained, tiny_single):
     for step in (2, 4):                   # periodic copies: NAME-STEP.pt, stored name NAME (as A1111)
         p = res.log_dir / "hypernetworks" / f"hn-{step}.pt"
         assert torch.load(p, weights_only=True)["step"] == step and read_hypernetwork(p).name == "hn"
-    assert settings["kind"] == "hypernetwork" and "vectors" not in settings
+    assert settings["kind"] == "hypernetwork" and "vectors" not in settings and "vectors" not in settings["config"]
     assert settings["hypernetwork"]["widths"] == [32, 64] and settings["config"]["lr"] == "0.01"
     assert [int(r["step"]) for r in csv.DictReader(open(res.log_dir / "loss.csv"))] == [1, 2, 3, 4]
     state = load_state(res.log_dir / "state.pt")
@@ -245,6 +245,16 @@ def test_start_from_a_file_keeps_its_step_and_structure(tiny_single, tmp_path):
     hn = read_hypernetwork(res.hypernetwork)
     assert res.name == "start" and hn.step == 7 and hn.widths == [32] and hn.structure == s
     assert len(list(csv.reader(open(res.log_dir / "loss.csv")))) == 1 + 2     # steps 6 and 7
+
+
+def test_checkpointing_recomputes_the_same_dropout(tiny_single, tmp_path):
+    """--gradient-checkpointing recomputes every block in backward, hooks and dropout included:
+    the run is bitwise the one without it."""
+    kw = dict(steps=3, grad_accum=2, dropout_structure="0,0.3,0", activation="relu")
+    a = train(hn_config(tiny_single, tmp_path / "a", **kw))
+    b = train(hn_config(tiny_single, tmp_path / "b", gradient_checkpointing=True, **kw))
+    wa, wb = weights(a.hypernetwork), weights(b.hypernetwork)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_resume_refuses_another_structure(tiny_single, tmp_path):

@@ -123,6 +123,10 @@ class HypernetworkTrainConfig(TrainConfig):
     last_layer_dropout: bool = False     # with use_dropout: after the last hidden layer too
     activate_output: bool = False        # the activation after the last Linear too
 
+    def to_dict(self) -> dict:
+        """The settings (settings.json, resume's comparison) without the embedding-only ones."""
+        return {k: v for k, v in super().to_dict().items() if k not in EMBEDDING_ONLY}
+
 
 # Settings that only mean something for an embedding: a hypernetwork run refuses them set.
 EMBEDDING_ONLY = ("embedding", "init_text", "vectors", "png_embed")

@@ -107,8 +107,9 @@ def validate(cfg: TrainConfig) -> None:
     the value and what it may be."""
     _need(cfg.data is not None, "--data DIR is required (a folder of training images; try --demo)")
     start_flag = "--hypernetwork" if cfg.kind == "hypernetwork" else "--embedding"
-    _need(cfg.name is not None or getattr(cfg, start_flag[2:]) is not None,
-          f"--name NAME is required (or {start_flag} FILE)")
+    start_file = getattr(cfg, start_flag[2:])
+    _need(start_file is None or str(start_file).strip() != "", f"{start_flag}: the path is empty")
+    _need(cfg.name is not None or start_file is not None, f"--name NAME is required (or {start_flag} FILE)")
     _choice(cfg.precision, PRECISIONS, "--precision")
     _choice(cfg.optimizer, OPTIMIZERS, "--optimizer")
     _choice(cfg.latents, LATENT_MODES, "--latents")
