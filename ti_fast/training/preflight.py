@@ -22,6 +22,7 @@ from ..diffusion.samplers import sampler_key
 from ..embeddings import MAX_VECTORS, Embedding, read_embedding, sanitize_name
 from ..errors import ConfigError
 from ..fsutil import check_writable_dir, kind_of, special_reason
+from ..hypernetworks import sanitize_name as sanitize_hypernetwork_name
 from ..images import caption_for
 from ..models.attention import BACKENDS as ATTENTION
 from ..models.ops import CHOICES as KERNELS
@@ -165,11 +166,7 @@ def validate(cfg: TrainConfig) -> None:
 def check_name(raw: str, steps: int, kind: str = "embedding") -> str:
     """The sanitised name (A1111's rule); ConfigError when nothing is left or the files it names
     would not fit the 255-byte file-name limit."""
-    if kind == "hypernetwork":
-        from ..hypernetworks import sanitize_name as sanitize_hypernetwork_name
-        name = sanitize_hypernetwork_name(raw)
-    else:
-        name = sanitize_name(raw)
+    name = sanitize_hypernetwork_name(raw) if kind == "hypernetwork" else sanitize_name(raw)
     limit = NAME_BYTES - _NAME_OVERHEAD - len(str(steps))
     size = len(name.encode("utf-8"))
     _need(size <= limit, f"--name: {size} bytes is too long for the file names it makes "
