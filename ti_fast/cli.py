@@ -87,7 +87,7 @@ TRAIN_FLAGS = [
 # train-hypernetwork: the shared flags whose help says something else there (the embedding-only
 # ones, training.config.EMBEDDING_ONLY, are not offered), and the hypernetwork's own flags.
 HYPERNETWORK_HELP = {
-    "name": "hypernetwork name = file stem and <hypernet:NAME> tag (default: --hypernetwork's stem)",
+    "name": "hypernetwork name = file stem, the NAME in `<hypernet:NAME>` (default: --hypernetwork's stem)",
     "steps": "TOTAL optimizer steps (a --hypernetwork's earlier steps count)",
     "template": "prompt template: hypernetwork (style-like lines, A1111's default), subject, style, ..., or a file",
     "out": "folder for NAME.pt",
