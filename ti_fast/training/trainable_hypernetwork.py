@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from ..hypernetworks import (Hypernetwork, HypernetworkError, attach, detach, new_hypernetwork,
-                             read_hypernetwork, unet_widths)
+from ..errors import ConfigError, UserError
+from ..hypernetworks import Hypernetwork, attach, detach, new_hypernetwork, read_hypernetwork, unet_widths
 from ..prompt import emphasize
 from .preflight_hypernetwork import structure_dict
 
@@ -154,7 +153,7 @@ class HypernetworkTrainable:
         """Does OUT/NAME.pt hold these weights at this step? (Resume rewrites it when not.)"""
         try:
             got = read_hypernetwork(self.output_paths(out_dir)[0])
-        except HypernetworkError:
+        except UserError:                # missing, damaged, or not a regular file: rewrite it
             return False
         have = {k: v for k, v in got.state_dict().items() if k != "dropout_seed"}
         want = {k: v for k, v in d["hypernetwork"].items() if k != "dropout_seed"}
