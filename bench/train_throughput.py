@@ -6,6 +6,7 @@ in one process on one GPU, at 512 px with SD1.5 shapes (random weights).
     python -m bench.train_throughput --compile  # + torch.compile rows
     python -m bench.train_throughput --compile-only --batches 8   # only those rows
     python -m bench.train_throughput --tiny --out DIR   # CPU harness check, seconds
+    python -m bench.train_throughput --hypernetwork     # hypernetwork rows only (bench/hypernetwork.py)
 
 Rows (each: ms/step, samples/s, peak GiB = max_memory_allocated since a reset just before the
 row's models/optimizer were set up, weights included; MFU = 1.72e12 FLOP x samples/s / the bf16
@@ -547,6 +548,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes only with --out)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--hypernetwork", action="store_true", help="only the hypernetwork rows: ti-fast graphed and "
+                                                                "eager, A1111-style, ti-fast's embedding step")
     ap.add_argument("--row", choices=("low-vram", "offload"), help="(internal) one capped row in this process")
     ap.add_argument("--cap", type=float, default=None, help="(with --row) allocator cap in GiB")
     ap.add_argument("--channels-last", action="store_true", help="(with --row) NHWC")
@@ -555,11 +558,17 @@ def main(argv=None) -> int:
     if args.row:
         return child_row(args)
     plan = make_plan(args)
-    result = run(plan)
-    print(summary(result))
+    if args.hypernetwork:
+        from . import hypernetwork as H
+        result = H.run(plan)
+        print(C.format_table(result["rows"]))
+    else:
+        result = run(plan)
+        print(summary(result))
     out = args.out or (None if plan.tiny else C.REPO / "bench" / "results")
     if out is not None:
-        result["results_file"] = str(C.write_results(out, result))
+        write = H.write if args.hypernetwork else C.write_results
+        result["results_file"] = str(write(out, result))
     print(json.dumps(C.clean(result), default=C.jsonable, allow_nan=False))
     return 0
 

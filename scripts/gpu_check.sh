@@ -46,6 +46,8 @@ PY
 #   cold       launch-to-first-step with an EMPTY Triton cache (a fresh machine's first launch)
 #   tests      pytest -m gpu (TI_FAST_GPU_TESTS: test paths instead of all)
 #   tiny       the benchmark at tiny shapes on the GPU (every CUDA path in ~30 s)
+#   hypernetwork  bench.train_throughput --hypernetwork (graphed vs A1111-style vs the embedding step);
+#              with its GPU tests: TI_FAST_STEPS="hypernetwork tests" TI_FAST_GPU_TESTS=tests/test_train_hypernetwork.py
 STEPS=" ${TI_FAST_STEPS:-bench profile tests} "
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 
@@ -105,5 +107,12 @@ if has tiny; then
   stamp "bench --tiny on cuda (smoke)"
   timeout 60 python3 -m bench.train_throughput --tiny --device cuda --out "$OUT/tiny" > "$OUT/bench_tiny.log" 2>&1
   echo "tiny bench exit $?"; grep -v '^{' "$OUT/bench_tiny.log" | tail -25
+fi
+if has hypernetwork; then
+  stamp "bench --hypernetwork"
+  timeout ${TI_FAST_HN_TIMEOUT:-200} python3 -m bench.train_throughput --hypernetwork > "$OUT/bench_hypernetwork.log" 2>&1
+  echo "hypernetwork bench exit $?"; grep -v '^{' "$OUT/bench_hypernetwork.log" | tail -20
+  latest=$(tail -n 1 "$OUT/bench_hypernetwork.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
+  [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
 fi
 stamp "done"

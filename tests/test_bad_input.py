@@ -91,7 +91,23 @@ def ws(tmp_path_factory, tiny_single):
     (w / "states" / "exists" / "state.pt").write_bytes(b"anything")
     (w / "outs").mkdir()
     (w / "outs" / "tok.pt").write_bytes(b"an earlier embedding")
+    _hypernetwork_files(w)
     return w
+
+
+def _hypernetwork_files(w: Path) -> None:
+    """Hypernetwork inputs: a good one for the tiny model (widths 32, 64), one for SD1 (768), a
+    malformed, a truncated one, an embedding the tiny model could train, a TOML with an
+    embedding-only setting."""
+    from ti_fast.hypernetworks import new_hypernetwork, structure_from_options
+    s = structure_from_options()
+    new_hypernetwork("good", [32, 64], s, seed=0).save(w / "hn-good.pt")
+    new_hypernetwork("sd1", [768], s, seed=0).save(w / "hn-sd1.pt")
+    torch.save({32: ({"linear.0.weight": "not a tensor"}, {}), "layer_structure": [1, 2, 1]}, w / "hn-malformed.pt")
+    blob = (w / "hn-good.pt").read_bytes()
+    (w / "hn-truncated.pt").write_bytes(blob[: len(blob) // 2])
+    torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "emb"}, w / "emb32.pt")
+    (w / "hn-vectors.toml").write_text("vectors = 3\n")
 
 
 def _header_file(path: Path, header: bytes) -> None:
@@ -116,6 +132,12 @@ def _train(w: Path, *extra) -> list[str]:
     return ["train", "--data", str(w / "imgs"), "--model", str(w / "model"), "--name", "tok",
             "--out", str(w / "out"), "--log-dir", str(w / "log"), "--device", "cpu", "--width", "64",
             "--height", "64", "--steps", "2", "--template", "subject", "--quiet", *extra]
+
+
+def _hn(w: Path, *extra) -> list[str]:
+    return ["train-hypernetwork", "--data", str(w / "imgs"), "--model", str(w / "model"), "--name", "hn",
+            "--out", str(w / "out"), "--log-dir", str(w / "log"), "--device", "cpu", "--width", "64",
+            "--height", "64", "--steps", "2", "--quiet", *extra]
 
 
 def _gen(w: Path, *extra) -> list[str]:
@@ -238,6 +260,41 @@ CASES = [
     ("resume-fifo", lambda w: _train(w, "--resume", "--log-dir", str(w / "states" / "fifo")), "FIFO"),
     ("rerun-over-state", lambda w: _train(w, "--log-dir", str(w / "states" / "exists")), "--resume"),
     ("existing-output", lambda w: _train(w, "--out", str(w / "outs")), "--overwrite"),
+    # --- train-hypernetwork: the create flags, the files, the model's widths
+    ("hn-layers-ends", lambda w: _hn(w, "--layer-structure", "2,2,1"), "start and end with 1"),
+    ("hn-layers-nonpositive", lambda w: _hn(w, "--layer-structure", "1,0,1"), "non-positive"),
+    ("hn-layers-words", lambda w: _hn(w, "--layer-structure", "one,two"), "--layer-structure"),
+    ("hn-activation", lambda w: _hn(w, "--activation", "gelu2"), "--activation"),
+    ("hn-init", lambda w: _hn(w, "--init", "he"), "--init"),
+    ("hn-width-missing", lambda w: _hn(w, "--sizes", "32,768"), "width 768"),
+    ("hn-sizes-words", lambda w: _hn(w, "--sizes", "wide"), "--sizes"),
+    ("hn-dropout-length", lambda w: _hn(w, "--dropout-structure", "0,0.3"), "--dropout-structure"),
+    ("hn-dropout-p", lambda w: _hn(w, "--dropout-structure", "0,1.0,0"), "[0, 1)"),
+    ("hn-dropout-ends", lambda w: _hn(w, "--dropout-structure", "0.3,0.3,0"), "--dropout-structure"),
+    ("hn-dropout-both", lambda w: _hn(w, "--dropout-structure", "0,0.3,0", "--use-dropout"), "exclude"),
+    ("hn-last-layer-alone", lambda w: _hn(w, "--last-layer-dropout"), "--use-dropout"),
+    ("hn-embedding-given", lambda w: _hn(w, "--hypernetwork", str(w / "emb32.pt")), "ti-fast train --embedding"),
+    ("hn-given-as-embedding", lambda w: _train(w, "--embedding", str(w / "hn-good.pt")), "train-hypernetwork"),
+    ("hn-malformed", lambda w: _hn(w, "--hypernetwork", str(w / "hn-malformed.pt")), "hn-malformed.pt"),
+    ("hn-truncated", lambda w: _hn(w, "--hypernetwork", str(w / "hn-truncated.pt")), "truncated"),
+    ("hn-garbage", lambda w: _hn(w, "--hypernetwork", str(w / "garbage.pt")), "garbage.pt"),
+    ("hn-fifo", lambda w: _hn(w, "--hypernetwork", str(w / "fifo")), "FIFO"),
+    ("hn-missing", lambda w: _hn(w, "--hypernetwork", str(w / "nope.pt")), "no such file"),
+    ("hn-empty-path", lambda w: _hn(w, "--hypernetwork", "", "--name", "x"), "empty"),
+    ("hn-empty-path-no-name", lambda w: [a for a in _hn(w, "--hypernetwork", "") if a not in ("--name", "hn")],
+     "empty"),
+    ("embedding-empty-path", lambda w: [a for a in _train(w, "--embedding", "") if a not in ("--name", "tok")],
+     "empty"),
+    ("hn-other-model", lambda w: _hn(w, "--hypernetwork", str(w / "hn-sd1.pt")), "another model"),
+    ("hn-file-and-create-flags", lambda w: _hn(w, "--hypernetwork", str(w / "hn-good.pt"), "--layer-norm"),
+     "--layer-norm"),
+    ("hn-embedding-setting", lambda w: _hn(w, "--config", str(w / "hn-vectors.toml")), "--vectors"),
+    ("hn-vectors-flag", lambda w: _hn(w, "--vectors", "2"), "--vectors"),
+    ("hn-model-garbage", lambda w: _hn(w, "--model", str(w / "garbage.safetensors")), "garbage"),
+    ("hn-model-missing", lambda w: _hn(w, "--model", str(w / "nope")), "--model"),
+    ("hn-name-symbols", lambda w: _hn(w, "--name", "///"), "name"),
+    ("hn-lr-huge", lambda w: _hn(w, "--lr", "5"), "--allow-huge-lr"),
+    ("hn-png-embed", lambda w: _hn(w, "--png-embed"), "--png-embed"),
     # --- generation
     ("gen-width", lambda w: _gen(w, "--width", "60"), "multiples of 8"),
     ("gen-steps", lambda w: _gen(w, "--steps", "0"), "--steps"),
@@ -249,6 +306,10 @@ CASES = [
     ("gen-too-big", lambda w: _gen(w, "--width", "16384", "--height", "16384", "--batch", "64"), "memory"),
     ("gen-device", lambda w: _gen(w, "--device", "tpu"), "--device"),
 ]
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded before the refusal")
 
 
 class _Hang(Exception):
@@ -278,8 +339,11 @@ def test_case_ids_are_unique_and_many():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_in_process_one_line_exit_2(ws, case, capsys):
-    _, argv, fragment = case
+def test_in_process_one_line_exit_2(ws, case, capsys, monkeypatch):
+    name, argv, fragment = case
+    if name.startswith("hn-"):           # refused before the model loads: loading it would be a bug (exit 1)
+        import ti_fast.training.group as group
+        monkeypatch.setattr(group, "load_for_training", _no_model)
     before = _tree(ws, OUTPUTS)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIMEOUT_S)

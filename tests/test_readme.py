@@ -19,6 +19,17 @@ def test_every_train_flag_documented_with_default():
     assert table() in readme                                          # and the table is current
 
 
+def test_every_train_hypernetwork_flag_documented():
+    from ti_fast.cli import HYPERNETWORK_FLAGS, TRAIN_FLAGS
+    from ti_fast.hypernetworks.cli import STRUCTURE_FLAGS
+    from ti_fast.training.config import HypernetworkTrainConfig
+    fields = {f.name for f in dataclasses.fields(HypernetworkTrainConfig)}
+    assert fields == {n for _, n, _ in TRAIN_FLAGS} | {n for n, _, _ in HYPERNETWORK_FLAGS + STRUCTURE_FLAGS}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from flags_table import hypernetwork_table
+    assert hypernetwork_table() in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
 def test_package_map_lists_every_file():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for root in ("ti_fast", "kernels", "bench", "scripts", "tests"):

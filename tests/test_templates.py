@@ -14,6 +14,10 @@ def test_builtin_templates_load(name):
     if name == "none":
         assert lines == ["[filewords]"]
         return
+    if name == "hypernetwork":           # a hypernetwork has no trigger word: style-like lines, no [name]
+        assert 15 <= len(lines) <= 25 and len(set(lines)) == len(lines)
+        assert all("[filewords]" in ln and "[name]" not in ln for ln in lines)
+        return
     assert 15 <= len(lines) <= 25 and len(set(lines)) == len(lines)
     assert all("[name]" in ln for ln in lines)
     assert all(("[filewords]" in ln) == name.endswith("_filewords") for ln in lines)

@@ -1,11 +1,7 @@
 """What the trainer writes loads elsewhere, and the run survives what users do to it."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import torch
 
 from ti_fast.training.loop import train
 from ti_fast.training.outputs import load_state
-from train_helpers import quick_config
+from train_helpers import interrupt_when, quick_config
 
 
 def test_diffusers_load_textual_inversion(tiny_diffusers, tmp_path):
@@ -36,22 +32,9 @@ def test_sigint_leaves_loadable_embedding_and_state(tiny_single, tmp_path):
     args = [sys.executable, "-m", "ti_fast.cli", "train", "--name", "tok", "--data", cfg.data, "--model", cfg.model,
             "--width", "64", "--height", "64", "--steps", "100000", "--out", cfg.out, "--log-dir", cfg.log_dir,
             "--device", "cpu", "--seed", "1", "--template", "subject"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out = []
-    deadline = time.time() + 240
     # wait until the loop runs: tqdm prints "N/100000" after a few steps
-    while time.time() < deadline:
-        ch = p.stdout.read(1)
-        if not ch:
-            break
-        out.append(ch)
-        if "5/100000" in "".join(out[-200:]):
-            break
-    p.send_signal(signal.SIGINT)
-    rest, _ = p.communicate(timeout=120)
-    log = "".join(out) + rest
-    assert p.returncode == 130, log[-2000:]
+    returncode, log = interrupt_when(args, "5/100000")
+    assert returncode == 130, log[-2000:]
     d = torch.load(Path(cfg.out) / "tok.pt", weights_only=True)
     assert d["step"] >= 5 and torch.isfinite(d["string_to_param"]["*"]).all()
     st = load_state(Path(cfg.log_dir) / "state.pt")

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "ti_fast.loading", "make_tiny": "ti_fast.loading", "ModelLoadError": "ti_fast.loading",
     "TrainConfig": "ti_fast.training.config", "TrainError": "ti_fast.training.config",
+    "HypernetworkTrainConfig": "ti_fast.training.config",
     "ConfigError": "ti_fast.training.config", "NonFiniteLossError": "ti_fast.training.config",
     "OutOfMemoryError": "ti_fast.training.config",
     "train": "ti_fast.training.loop", "TrainResult": "ti_fast.training.loop",
@@ -34,7 +35,8 @@ __all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "train_many", "
            "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
            "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError",
-           "preprocess", "PreprocessConfig", "PreprocessResult", "UserError", "RunCrashed"]
+           "preprocess", "PreprocessConfig", "PreprocessResult", "UserError", "RunCrashed",
+           "HypernetworkTrainConfig"]
 
 
 def __getattr__(name: str):

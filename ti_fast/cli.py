@@ -4,6 +4,7 @@
   ti-fast create NAME ...  write a fresh embedding from init text (A1111's "create embedding")
   ti-fast generate ...     txt2img with embeddings
   ti-fast create-hypernetwork NAME --model M ...   write a fresh A1111 hypernetwork
+  ti-fast train-hypernetwork --name NAME --model M --data D ...   train an A1111 hypernetwork
   ti-fast preprocess SRC DST  images -> training-ready PNGs + captions (A1111's Preprocess images)
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
   ti-fast inspect FILE...  what embedding files hold; --verify: which tools load them
@@ -84,15 +85,34 @@ TRAIN_FLAGS = [
 ]
 
 
+# train-hypernetwork: the shared flags whose help says something else there (the embedding-only
+# ones, training.config.EMBEDDING_ONLY, are not offered), and the hypernetwork's own flags.
+HYPERNETWORK_HELP = {
+    "name": "hypernetwork name = file stem, the NAME in `<hypernet:NAME>` (default: --hypernetwork's stem)",
+    "steps": "TOTAL optimizer steps (a --hypernetwork's earlier steps count)",
+    "template": "prompt template: hypernetwork (style-like lines, A1111's default), subject, style, ..., or a file",
+    "out": "folder for NAME.pt",
+    "save_every": "save hypernetworks/NAME-STEP.pt and the resumable state every N steps (0 = end only)",
+    "overwrite": "replace an existing NAME.pt",
+}
+HYPERNETWORK_FLAGS = [("hypernetwork", "hypernetwork", "start from this A1111 hypernetwork file (keeps its step "
+                                                       "count and structure; the create flags are then refused)")]
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def add_train_args(p: argparse.ArgumentParser):
-    from .training.config import TrainConfig
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def add_train_args(p: argparse.ArgumentParser, kind: str = "embedding"):
+    """Every training flag on `p`: `train`'s, or with kind "hypernetwork" train-hypernetwork's
+    (the shared ones with that command's defaults, then --hypernetwork and the create flags)."""
+    from .training.config import EMBEDDING_ONLY, config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class(kind))}
+    hyper = kind == "hypernetwork"
+    flags = [(sec, name, HYPERNETWORK_HELP.get(name, help_)) for sec, name, help_ in TRAIN_FLAGS
+             if name not in EMBEDDING_ONLY] if hyper else TRAIN_FLAGS
     groups = {}
-    for section, name, help_ in TRAIN_FLAGS:
+    for section, name, help_ in flags:
         g = groups.setdefault(section, p.add_argument_group(section))
         f = fields[name]
         default = f.default
@@ -108,28 +128,37 @@ def add_train_args(p: argparse.ArgumentParser):
                        help=f"{help_} (default: {default})")
     p.add_argument("--no-half", action="store_true", default=argparse.SUPPRESS, help="same as --precision full")
     p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (keys = flag names); flags override it")
-    p.add_argument("--demo", action="store_true", help="train on the built-in tiny demo (tiny random model, synthetic images)")
+    if hyper:
+        from .hypernetworks.cli import add_structure_args
+        g = p.add_argument_group("the hypernetwork (created from these flags when no --hypernetwork is given)")
+        g.add_argument("--hypernetwork", metavar="FILE", default=argparse.SUPPRESS, help=HYPERNETWORK_FLAGS[0][2])
+        add_structure_args(g, suppress=True)
+        p.set_defaults(kind=kind, demo=False)
+    else:
+        p.add_argument("--demo", action="store_true", help="train on the built-in tiny demo (tiny random model, synthetic images)")
 
 
 def cmd_train(a) -> int:
-    from .training.config import TrainConfig
+    """`ti-fast train` and `ti-fast train-hypernetwork` (a.kind): settings -> train()."""
+    from .training.config import config_class
     from .training.loop import train
     from .training.preflight import validate
-    over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
+    over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func", "kind")}
     if getattr(a, "no_half", False):
         over["precision"] = "full"
+    cls = config_class(getattr(a, "kind", "embedding"))
     if a.config and not a.demo:
         from .training.runs_config import read_runs
-        runs = read_runs(a.config, over)
+        runs = read_runs(a.config, over, cls)
         if runs is not None:                    # [[run]] tables or a [sweep]: runs trained together
             return train_group(runs)
     if a.demo:
         from .training.demo import demo_config
         cfg = demo_config(**over)
     elif a.config:
-        cfg = TrainConfig.from_toml(a.config, **over)
+        cfg = cls.from_toml(a.config, **over)
     else:
-        cfg = TrainConfig(**over)
+        cfg = cls(**over)
     validate(cfg)                 # the settings first: --threads 0 must not reach torch
     process_settings(cfg)
     res = train(cfg, handle_signals=True)
@@ -242,6 +271,10 @@ def main(argv=None) -> int:
         pass
     from .hypernetworks.cli import add_hypernetwork_parsers
     add_hypernetwork_parsers(sub)
+    h = sub.add_parser("train-hypernetwork", help="train an A1111 hypernetwork (created from the create flags, "
+                                                  "or --hypernetwork FILE)")
+    add_train_args(h, kind="hypernetwork")
+    h.set_defaults(func=cmd_train)
     from .preprocessing.cli import add_preprocess_parser
     add_preprocess_parser(sub)
     from .interop.cli import add_interop_parsers

@@ -3,7 +3,8 @@
     module.py        HypernetworkModule (A1111's MLP), Structure, activations, init, recompute-safe dropout
     hypernetwork.py  Hypernetwork: (k, v) module pair per width + metadata; file dict, save, snapshot/restore
     format.py        read_hypernetwork (weights-only, explicit allow-list), describe, HypernetworkError
-    create.py        new_hypernetwork, structure_from_options, model_widths (from the header), sanitize_name
+    create.py        new_hypernetwork, structure_from_options / options_structure (the create flags),
+                     model_widths (from the header), sanitize_name
     hooks.py         attach / detach / attached: kv hooks on the UNet's CrossAttention modules
     tags.py          <hypernet:NAME:STRENGTH> parsing, find_hypernetworks, plan_prompts (generation)
     cli.py           `ti-fast create-hypernetwork`
@@ -40,9 +41,10 @@ import importlib
 # `create-hypernetwork` subcommand (ti-fast --help) must not import torch.
 _EXPORTS = {
     **dict.fromkeys(("attach", "attached", "detach", "unet_widths"), ".hooks"),
-    **dict.fromkeys(("check_widths", "model_widths", "new_hypernetwork", "sanitize_name",
-                     "structure_from_options"), ".create"),
-    **dict.fromkeys(("HypernetworkError", "NotAHypernetworkError", "describe", "is_hypernetwork_dict",
+    **dict.fromkeys(("check_widths", "model_widths", "new_hypernetwork", "options_structure", "parse_sizes",
+                     "sanitize_name", "structure_from_options"), ".create"),
+    **dict.fromkeys(("HypernetworkError", "NotAHypernetworkError", "EmbeddingNotHypernetworkError", "describe",
+                     "is_hypernetwork_dict", "hypernetwork_from_dict", "comfyui_differences",
                      "looks_like_embedding", "read_hypernetwork", "load_hypernetwork"), ".format"),
     "Hypernetwork": ".hypernetwork",
     **dict.fromkeys(("ACTIVATIONS", "INITS", "HypernetworkModule", "Structure"), ".module"),

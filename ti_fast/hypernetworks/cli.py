@@ -1,6 +1,10 @@
-"""`ti-fast create-hypernetwork`: argument parsing for A1111's "Create hypernetwork" (work in create.py)."""
+"""`ti-fast create-hypernetwork` (A1111's "Create hypernetwork"; work in create.py) and the create flags it shares.
+
+`train-hypernetwork` takes the same STRUCTURE_FLAGS (registered by ti_fast.cli.add_train_args).
+"""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -8,29 +12,50 @@ from ..errors import UserError
 from .names import ACTIVATION_NAMES, INITS
 
 
+# (flag field, metavar, help): what shapes a new hypernetwork; `create-hypernetwork` and
+# `train-hypernetwork` share them (defaults: ti_fast.training.config.HypernetworkTrainConfig).
+# Choices are checked by structure_from_options: a wrong value is one line, not argparse's usage.
+STRUCTURE_FLAGS = [
+    ("sizes", "W,W,...", "context widths to make modules for (default: the model's own: its text width and "
+                         "each block width, 768,320,640,1280 on SD1); a width the model lacks is refused"),
+    ("layer_structure", "1,2,1", "width multipliers of the MLP, first and last 1, every entry > 0"),
+    ("activation", "|".join(ACTIVATION_NAMES), "activation after every Linear but the last (linear = none; "
+                                               "swish = Hardswish, as A1111)"),
+    ("init", "|".join(INITS), "weight initialisation (normal = N(0, 0.01)); biases 0; LayerNorm weights "
+                              "N(0, 0.01) under every init, as A1111"),
+    ("layer_norm", None, "LayerNorm after every Linear, the last one included"),
+    ("dropout_structure", "0,0.3,0", "dropout p after each layer, as many entries as --layer-structure, 0 at "
+                                     "both ends, each in [0, 1)"),
+    ("use_dropout", None, "A1111's legacy dropout: p 0.3 after each hidden layer but the last (with 1,2,1 "
+                          "that is none: add --last-layer-dropout)"),
+    ("last_layer_dropout", None, "with --use-dropout: also after the last hidden layer"),
+    ("activate_output", None, "the activation after the last Linear too"),
+]
+STRUCTURE_DEFAULTS = {"sizes": None, "layer_structure": "1,2,1", "activation": "linear", "init": "normal",
+                      "layer_norm": False, "dropout_structure": None, "use_dropout": False,
+                      "last_layer_dropout": False, "activate_output": False}
+
+
+def add_structure_args(p, suppress: bool = False) -> None:
+    """The STRUCTURE_FLAGS on parser or group `p`. suppress: leave unset flags out of the
+    namespace (train-hypernetwork: a --config TOML file's values must not be overridden)."""
+    for field, metavar, help_ in STRUCTURE_FLAGS:
+        default = STRUCTURE_DEFAULTS[field]
+        kw = {"default": argparse.SUPPRESS} if suppress else {"default": default}
+        flag = "--" + field.replace("_", "-")
+        if metavar is None:
+            p.add_argument(flag, action="store_true", help=f"{help_} (off)", **kw)
+        else:
+            shown = "" if default is None else f" (default: {default})"
+            p.add_argument(flag, metavar=metavar, help=help_ + shown, **kw)
+
+
 def add_hypernetwork_parsers(sub) -> None:
     """Register `create-hypernetwork` on the `ti-fast` subparsers."""
     c = sub.add_parser("create-hypernetwork", help="write a fresh A1111 hypernetwork (A1111's create hypernetwork)")
     c.add_argument("name", help="hypernetwork name = file stem and prompt tag name (sanitised as A1111)")
     c.add_argument("--model", required=True, help="SD1.x checkpoint whose attention widths it is made for")
-    c.add_argument("--sizes", default=None, metavar="W,W,...",
-                   help="widths to create modules for (default: the model's own, 768,320,640,1280 on SD1)")
-    c.add_argument("--layer-structure", default="1,2,1", metavar="1,2,1",
-                   help="width multipliers of the MLP, first and last 1 (default: 1,2,1)")
-    # choices are checked by structure_from_options: a wrong value is one line, not argparse's usage block
-    c.add_argument("--activation", default="linear", metavar="|".join(ACTIVATION_NAMES),
-                   help="activation after every Linear but the last (default: linear = none; swish = Hardswish)")
-    c.add_argument("--init", default="normal", metavar="|".join(INITS),
-                   help="weight initialisation (default: normal = N(0, 0.01)); LayerNorm weights are N(0, 0.01) always")
-    c.add_argument("--layer-norm", action="store_true", help="LayerNorm after every Linear (off)")
-    c.add_argument("--dropout-structure", default=None, metavar="0,0.3,0",
-                   help="dropout p after each layer, same length as --layer-structure, 0 at both ends")
-    c.add_argument("--use-dropout", action="store_true",
-                   help="A1111's legacy dropout: p 0.3 after each hidden layer but the last; with 1,2,1 "
-                        "that is none, add --last-layer-dropout (off)")
-    c.add_argument("--last-layer-dropout", action="store_true",
-                   help="with --use-dropout: also after the last hidden layer (off)")
-    c.add_argument("--activate-output", action="store_true", help="activation after the last Linear too (off)")
+    add_structure_args(c)
     c.add_argument("--seed", type=int, default=None, help="seed of the initial weights (default: random)")
     c.add_argument("--out", default="hypernetworks", help="output folder (default: hypernetworks)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing OUT/NAME.pt")
@@ -39,18 +64,11 @@ def add_hypernetwork_parsers(sub) -> None:
 
 def cmd_create_hypernetwork(a) -> int:
     from ..fsutil import check_writable_dir
-    from .create import check_widths, model_widths, new_hypernetwork, parse_numbers, sanitize_name, structure_from_options
+    from .create import check_widths, model_widths, new_hypernetwork, options_structure, sanitize_name
     from .format import HypernetworkError
     try:
-        if a.dropout_structure is not None and (a.use_dropout or a.last_layer_dropout):
-            raise HypernetworkError("--dropout-structure and --use-dropout/--last-layer-dropout exclude each other")
         name = sanitize_name(a.name)
-        sizes = None if a.sizes is None else parse_numbers(a.sizes, "--sizes")
-        if sizes is not None and any(s != int(s) or s <= 0 for s in sizes):
-            raise HypernetworkError(f"--sizes {a.sizes!r}: widths are positive whole numbers")
-        structure = structure_from_options(a.layer_structure, a.activation, a.init, a.layer_norm, a.dropout_structure,
-                                           a.use_dropout, a.last_layer_dropout, a.activate_output,
-                                           sizes=[int(s) for s in sizes or ()])
+        structure, sizes = options_structure(**{f: getattr(a, f) for f, _, _ in STRUCTURE_FLAGS})
         out = check_writable_dir(a.out, "--out")
         path = Path(out) / f"{name}.pt"
         if path.exists() and not a.overwrite:

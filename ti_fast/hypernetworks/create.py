@@ -68,6 +68,30 @@ def structure_from_options(layer_structure="1,2,1", activation: str = "linear", 
     return s
 
 
+def parse_sizes(sizes) -> list[int] | None:
+    """--sizes '768,320' (or a list) -> [768, 320]; None stays None (the model's own widths)."""
+    if sizes is None:
+        return None
+    out = parse_numbers(sizes, "--sizes")
+    if any(s != int(s) or s <= 0 for s in out) or len(set(out)) != len(out):
+        raise HypernetworkError(f"--sizes {sizes!r}: widths are distinct positive whole numbers")
+    return [int(s) for s in out]
+
+
+def options_structure(sizes=None, layer_structure="1,2,1", activation: str = "linear", init: str = "normal",
+                      layer_norm: bool = False, dropout_structure=None, use_dropout: bool = False,
+                      last_layer_dropout: bool = False, activate_output: bool = False
+                      ) -> tuple[Structure, list[int] | None]:
+    """The create flags (as create-hypernetwork and train-hypernetwork take them) -> (Structure,
+    sizes or None): every check that needs no file, one line naming the flag."""
+    if dropout_structure is not None and (use_dropout or last_layer_dropout):
+        raise HypernetworkError("--dropout-structure and --use-dropout/--last-layer-dropout exclude each other")
+    widths = parse_sizes(sizes)
+    s = structure_from_options(layer_structure, activation, init, layer_norm, dropout_structure, use_dropout,
+                               last_layer_dropout, activate_output, sizes=widths or ())
+    return s, widths
+
+
 def new_hypernetwork(name: str, widths, structure: Structure, seed: int | None = None) -> Hypernetwork:
     """A fresh hypernetwork at step 0 with A1111's initialisation, drawn from `seed` (None: a
     random seed). Not saved (path None); eval mode."""

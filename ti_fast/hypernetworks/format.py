@@ -38,6 +38,10 @@ class NotAHypernetworkError(HypernetworkError):
     """The file is something else (an embedding, a model, a LoRA) or not a torch file at all."""
 
 
+class EmbeddingNotHypernetworkError(NotAHypernetworkError):
+    """The file is a textual-inversion embedding (callers may name the command that takes it)."""
+
+
 def _error(path, problem: str, cls=HypernetworkError) -> HypernetworkError:
     text = str(problem).strip()
     first = text.splitlines()[0] if text else "unreadable"
@@ -94,7 +98,8 @@ def load_pickle(path) -> object:
         raise _error(path, "empty file")
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         if len(head) > 8 and head[8:9] == b"{":
-            raise _error(path, _safetensors_kind(path), NotAHypernetworkError)
+            kind = _safetensors_kind(path)
+            raise _error(path, kind, EmbeddingNotHypernetworkError if "embedding" in kind else NotAHypernetworkError)
         raise _error(path, "not a torch file (an A1111 hypernetwork is a torch.save .pt)", NotAHypernetworkError)
     try:
         with torch.serialization.safe_globals(EXTRA_SAFE_GLOBALS), warnings.catch_warnings():
@@ -160,7 +165,7 @@ def hypernetwork_from_dict(data, path, name: str | None = None) -> Hypernetwork:
     path = Path(path) if path is not None else None
     if looks_like_embedding(data):
         raise _error(path, "a textual-inversion embedding, not a hypernetwork: pass it with --embeddings",
-                     NotAHypernetworkError)
+                     EmbeddingNotHypernetworkError)
     if not isinstance(data, dict):
         raise _error(path, f"not a hypernetwork (the file holds a {type(data).__name__}, not a dict)",
                      NotAHypernetworkError)

@@ -98,9 +98,14 @@ def format_text(info: dict) -> str:
     if info["kind"] == "hypernetwork":
         lines.append(f"  hypernetwork  {info['format']}  name {info['name']}  {step}  widths "
                      f"{', '.join(map(str, info['widths']))} ({info['family'] or 'unknown model'})")
-        lines.append(f"  layers {info['layer_structure']}  activation {info['activation_func']}  layer norm "
-                     f"{'on' if info['is_layer_norm'] else 'off'}  dropout {'on' if info['use_dropout'] else 'off'}  "
-                     f"{info['parameters']:,} parameters")
+        if "layer_structure" in info:
+            drop = f"dropout {info['dropout_structure']}" if info["use_dropout"] else "dropout off"
+            lines.append(f"  layers {info['layer_structure']}  activation {info['activation_func']}  layer norm "
+                         f"{'on' if info['is_layer_norm'] else 'off'}  {drop}  activate output "
+                         f"{'on' if info['activate_output'] else 'off'}  init {info['weight_initialization']}  "
+                         f"{info['parameters']:,} parameters")
+            if info["comfyui"]:
+                lines.append(f"  ComfyUI: {'; '.join(info['comfyui'])}")
     else:
         width = "+".join(map(str, info["width"])) if isinstance(info["width"], list) else info["width"]
         shape = f"{info['vectors']} vector{'s' if info['vectors'] != 1 else ''} × {width} " \

@@ -3,7 +3,7 @@
 The dispatch point is `KINDS`: each kind says whether it recognises a file's stored object and
 how to describe it. Today there are two, tried in order:
   hypernetwork  an A1111 hypernetwork .pt (a dict whose int keys — context widths — map to a
-                tuple of two state dicts, for to_k and to_v)
+                tuple of two state dicts, for to_k and to_v), read by ti_fast.hypernetworks
   embedding     every embedding layout ti-fast reads (A1111/original-TI .pt, kohya/OneTrainer,
                 diffusers {token: tensor}, SDXL {clip_l, clip_g}, PNG/WebP chunk or pixels)
 Every description carries path, kind, format, name, step, vectors, width (None where they do
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..embeddings.formats import KOHYA_KEY, ONETRAINER_KEY, EmbeddingError, embedding_from_data
+from ..hypernetworks.format import HypernetworkError, comfyui_differences, hypernetwork_from_dict, is_hypernetwork_dict
 from .raw import NotAnEmbedding, RawFile, read_raw
 
 FAMILIES = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL (clip_g only)"}
@@ -127,30 +128,37 @@ def is_embedding(raw: RawFile) -> bool:
 # ---------------------------------------------------------------- hypernetworks
 def is_hypernetwork(raw: RawFile) -> bool:
     """A1111's layout: int keys (widths) -> (state_dict_k, state_dict_v)."""
-    d = raw.data
-    widths = [k for k in d if isinstance(k, int) and not isinstance(k, bool)] if isinstance(d, dict) else []
-    return bool(widths) and all(isinstance(d[w], (tuple, list)) and len(d[w]) == 2
-                                and all(isinstance(sd, dict) for sd in d[w]) for w in widths)
+    return is_hypernetwork_dict(raw.data)
 
 
 def describe_hypernetwork(raw: RawFile) -> dict:
+    """The file read by ti_fast.hypernetworks with A1111's rules (its defaults for missing keys,
+    the module numbering checked against the structure): name (the file stem: the prompt tag),
+    the structure under the file's own key names, the parameter count, and `comfyui`, where
+    ComfyUI's loader would build another forward. A file A1111 could not load keeps its raw
+    facts and an `error`."""
     d = raw.data
     widths = sorted(k for k in d if isinstance(k, int) and not isinstance(k, bool))
-    params = sum(t.numel() for w in widths for sd in d[w] for t in sd.values() if torch.is_tensor(t))
-    structure = d.get("layer_structure") or [1, 2, 1]          # A1111's default when missing
     step = d.get("step")
-    # the text encoder's width says the model (the others are the UNet's self-attention widths)
-    family = next((HYPERNETWORK_FAMILIES[w] for w in widths if w in HYPERNETWORK_FAMILIES), None)
-    return {"path": str(raw.path), "kind": "hypernetwork", "format": f"a1111-hypernetwork-{raw.ext[1:] or 'pt'}",
-            "name": raw.path.stem, "stored_name": d.get("name") if isinstance(d.get("name"), str) else None,
-            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
-            "vectors": None, "width": None, "widths": widths, "family": family,
-            "layer_structure": [float(x) for x in structure], "activation_func": d.get("activation_func") or "linear",
-            "is_layer_norm": bool(d.get("is_layer_norm", False)), "use_dropout": bool(d.get("use_dropout", False)),
-            "dropout_structure": d.get("dropout_structure"), "activate_output": d.get("activate_output"),
-            "weight_initialization": d.get("weight_initialization"), "parameters": int(params),
-            "sd_checkpoint": d.get("sd_checkpoint"), "sd_checkpoint_name": d.get("sd_checkpoint_name"),
-            "size": raw.size, "hash": file_shorthash(raw.path)}
+    out = {"path": str(raw.path), "kind": "hypernetwork", "format": f"a1111-hypernetwork-{raw.ext[1:] or 'pt'}",
+           "name": raw.path.stem, "stored_name": d.get("name") if isinstance(d.get("name"), str) else None,
+           "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+           "vectors": None, "width": None, "widths": widths,
+           # the text encoder's width says the model (the others are the UNet's self-attention widths)
+           "family": next((HYPERNETWORK_FAMILIES[w] for w in widths if w in HYPERNETWORK_FAMILIES), None),
+           "size": raw.size, "hash": file_shorthash(raw.path)}
+    try:
+        hn = hypernetwork_from_dict(d, raw.path, name=raw.path.stem)
+    except HypernetworkError as e:
+        return {**out, "error": str(e)}
+    s = hn.structure
+    return {**out, "layer_structure": [float(x) for x in s.layer_structure], "activation_func": s.activation,
+            "is_layer_norm": s.layer_norm, "use_dropout": s.use_dropout,
+            "dropout_structure": [float(p) for p in s.dropout_structure], "last_layer_dropout": s.last_layer_dropout,
+            "activate_output": s.activate_output, "weight_initialization": s.weight_init,
+            "parameters": hn.num_parameters(), "sd_checkpoint": hn.sd_checkpoint,
+            "sd_checkpoint_name": hn.sd_checkpoint_name, "optional_info": hn.optional_info,
+            "comfyui": comfyui_differences(s)}
 
 
 # ---------------------------------------------------------------- the dispatch point
@@ -161,7 +169,7 @@ class Kind:
     describe: Callable[[RawFile], dict]
 
 
-# Tried in order; a hypernetwork kind from ti_fast.hypernetworks can take this entry's place.
+# Tried in order.
 KINDS = (
     Kind("hypernetwork", is_hypernetwork, describe_hypernetwork),
     Kind("embedding", is_embedding, describe_embedding),

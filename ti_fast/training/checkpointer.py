@@ -109,13 +109,15 @@ class Checkpointer:
         if bad is not None:
             self.save(self.good)
             raise NonFiniteLossError(
-                f"loss became NaN/inf at step {bad}; restored the vectors of step {self.good['step']} and saved "
-                f"them to {self.plan.pt_path}. Lower the learning rate (--lr) or use --precision bf16, then --resume.")
+                f"loss became NaN/inf at step {bad}; restored the {self.trainable.kind} of step "
+                f"{self.good['step']} and saved it to {self.plan.pt_path}. Lower the learning rate (--lr) or "
+                "use --precision bf16, then --resume.")
         return n
 
     # ------------------------------------------------------------------ saving
     def save_periodic(self, step: int) -> None:
-        """Every --save-every steps: LOG/embeddings/NAME-STEP.pt, the state, loss.csv/png."""
+        """Every --save-every steps: the trainable's periodic copy (LOG/embeddings/NAME-STEP.pt,
+        LOG/hypernetworks/NAME-STEP.pt), the state, loss.csv/png."""
         snap = self.good if self.good is not None and self.good["step"] == step else self.snapshot(step)
         with self.stopper.shield():
             self._guard(lambda: self.trainable.write_periodic(snap, step, self.plan.log_dir))

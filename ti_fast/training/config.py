@@ -22,6 +22,8 @@ KERNELS = ("torch", "auto", "triton")
 
 @dataclass
 class TrainConfig:
+    kind = "embedding"                   # what is trained (a class attribute, not a setting)
+
     # --- what to train
     name: str | None = None              # embedding name = trigger word (sanitised as A1111)
     data: str | None = None              # folder of training images
@@ -93,9 +95,49 @@ class TrainConfig:
     def from_toml(cls, path: str | Path, **overrides) -> "TrainConfig":
         """Settings from a TOML file (keys = flag names, '-' or '_'), each value type-checked;
         `overrides` (the command line's flags) win."""
-        data = {k: check_value(k, v, str(path)) for k, v in read_toml(path).items()}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        data = {k: check_value(k, v, str(path), fields) for k, v in read_toml(path).items()}
         data.update(overrides)
         return cls(**data)
+
+
+@dataclass
+class HypernetworkTrainConfig(TrainConfig):
+    """`ti-fast train-hypernetwork`: every TrainConfig setting, with A1111's hypernetwork defaults
+    for lr, template and out, plus what shapes the hypernetwork (the create-hypernetwork flags).
+    The embedding-only settings (embedding, init_text, vectors, png_embed) must stay unset."""
+    kind = "hypernetwork"
+
+    lr: str = "0.00001"                  # A1111's hypernetwork default
+    template: str = "hypernetwork"       # style-like lines without [name]
+    out: str = "hypernetworks"
+    # --- the hypernetwork
+    hypernetwork: str | None = None      # start from this A1111 hypernetwork file (keeps its step count)
+    sizes: str | None = None             # context widths "768,320,640,1280" (None: the model's own)
+    layer_structure: str = "1,2,1"       # MLP width multipliers, first and last 1
+    activation: str = "linear"           # linear (none), relu, leakyrelu, elu, swish, tanh, ...
+    init: str = "normal"                 # normal | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal
+    layer_norm: bool = False             # LayerNorm after every Linear
+    dropout_structure: str | None = None  # "0,0.3,0": p after each layer (None: from use_dropout)
+    use_dropout: bool = False            # A1111's legacy switch: 0.3 after each hidden layer but the last
+    last_layer_dropout: bool = False     # with use_dropout: after the last hidden layer too
+    activate_output: bool = False        # the activation after the last Linear too
+
+    def to_dict(self) -> dict:
+        """The settings (settings.json, resume's comparison) without the embedding-only ones."""
+        return {k: v for k, v in super().to_dict().items() if k not in EMBEDDING_ONLY}
+
+
+# Settings that only mean something for an embedding: a hypernetwork run refuses them set.
+EMBEDDING_ONLY = ("embedding", "init_text", "vectors", "png_embed")
+# What shapes a new hypernetwork (create flags): refused beside --hypernetwork FILE.
+STRUCTURE_KEYS = ("sizes", "layer_structure", "activation", "init", "layer_norm", "dropout_structure",
+                  "use_dropout", "last_layer_dropout", "activate_output")
+
+
+def config_class(kind: str) -> type:
+    """TrainConfig for "embedding", HypernetworkTrainConfig for "hypernetwork"."""
+    return HypernetworkTrainConfig if kind == "hypernetwork" else TrainConfig
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -131,14 +173,16 @@ def read_toml(path) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def check_value(key: str, value, where: str):
-    """`value` as the TrainConfig field `key` takes it, or ConfigError naming the key, the type it
-    needs and what it got. TOML has no null: an optional field is simply left out."""
-    if key not in FIELDS:
-        near = [n for n in FIELDS if n.split("_")[0] == key.split("_")[0]][:3]
+def check_value(key: str, value, where: str, fields: dict | None = None):
+    """`value` as the config field `key` takes it (fields: the config class's, default
+    TrainConfig's), or ConfigError naming the key, the type it needs and what it got. TOML has
+    no null: an optional field is simply left out."""
+    fields = FIELDS if fields is None else fields
+    if key not in fields:
+        near = [n for n in fields if n.split("_")[0] == key.split("_")[0]][:3]
         hint = f" (did you mean {', '.join(near)}?)" if near else "; keys are the flag names"
         raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-    kind = str(FIELDS[key].type).replace(" | None", "")
+    kind = str(fields[key].type).replace(" | None", "")
     if key in _TEXT_OR_NUMBER and isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(value) if isinstance(value, float) else str(value)
     ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -29,8 +29,9 @@ Graph rules this module keeps (torch.cuda "CUDA Graphs" notes):
 - outputs: the captured loss and finite flag are static tensors; each call returns clones, since
   the trainer keeps several steps' results before reading them.
 - warm-up runs on a side stream before capture (lazy init, cuBLAS/Triton autotuning, AdamW state
-  creation). It really trains, so the parameters, the optimizer state and the generator state are
-  snapshotted before and restored, in place, after the capture.
+  creation). It really trains, so the parameters, the optimizer state, the generator state and
+  the trainable's own state (a hypernetwork's dropout seed, advanced in the step) are snapshotted
+  before and restored, in place, after the capture.
 Not capturable, so refused (maybe_graphed falls back to eager with one line): fp16 loss scaling
 (the skip decision reads the device), bitsandbytes AdamW8bit, any other optimizer, CPU tensors.
 """
@@ -60,6 +61,14 @@ def ineligible_reason(step: GroupStep) -> str | None:
         return f"the step runs on {step.device}, CUDA graphs need a CUDA device"
     if any(getattr(g, "device", torch.device("cpu")).type != "cuda" for g in step.generators):
         return "the step's generator is not a CUDA generator"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register a generator with a graph (needs torch >= 2.5)"
+    return configuration_reason(step)
+
+
+def configuration_reason(step: GroupStep) -> str | None:
+    """The device-independent half of ineligible_reason: what the step is made of (loss scaling,
+    optimizers) rather than where it runs. None when that can be captured."""
     if step.scalers:
         return "fp16 loss scaling decides each step on the host; use --precision bf16 to graph the step"
     for opt in step.optimizers:
@@ -67,8 +76,6 @@ def ineligible_reason(step: GroupStep) -> str | None:
             return f"optimizer {type(opt).__name__} is not capturable (only torch AdamW/Adam)"
         if any(g.get("differentiable") for g in opt.param_groups):
             return "a differentiable optimizer cannot be captured"
-    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-        return f"torch {torch.__version__} cannot register a generator with a graph (needs torch >= 2.5)"
     return None
 
 
@@ -272,6 +279,7 @@ class GraphedStep:
         for opt in opts:
             state_steps_to(opt, self.device)
         snap = take_snapshot(step.params, opts, step.generators)
+        own = [m.trainable.state_dict() for m in step.members]   # cloned on the device (a dropout seed)
         old = self.lr.swap_in()
         try:
             side = torch.cuda.Stream(self.device)
@@ -293,6 +301,8 @@ class GraphedStep:
             # capture recorded kernels without running them: undo what the warm-up trained
             # (also when the capture failed, so that an eager retry starts from the same state)
             restore_snapshot(snap, step.params, opts, step.generators)
+            for m, d in zip(step.members, own):
+                m.trainable.load_state_dict(d)
         cap = _Captured(graph, static, loss, finite)
         self.graphs[key] = cap
         return cap

@@ -75,6 +75,10 @@ class TrainGroup:
             if plan.name in taken or plan.log_dir.resolve() in paths:
                 raise ConfigError(f"run {plan.name!r}: another run of this group already writes {plan.pt_path.name} "
                                   f"or {plan.log_dir}")
+            kinds = {r.plan.kind for r in self.runs} | {p[0].kind for p in self._pending}
+            if kinds and (plan.kind == "hypernetwork" or "hypernetwork" in kinds):
+                raise ConfigError(f"run {plan.name!r}: a hypernetwork run trains alone (its modules change the UNet "
+                                  "every row sees); train it in a group of its own")
             lock = lock or RunLock(plan.log_dir)
             self._pending.append((plan, callback, cancel, t_launch or time.perf_counter(), lock))
         return plan.name
@@ -226,8 +230,10 @@ class TrainGroup:
 
 
 def _failed(plan, e: BaseException) -> TrainResult:
-    return TrainResult(name=plan.name, embedding=plan.pt_path, embedding_safetensors=plan.st_path, log_dir=plan.log_dir,
-                       steps=plan.start_step, final_loss=None, status="failed", error=str(e))
+    files = ({"hypernetwork": plan.pt_path, "embedding": None, "embedding_safetensors": None}
+             if plan.kind == "hypernetwork" else {"embedding": plan.pt_path, "embedding_safetensors": plan.st_path})
+    return TrainResult(name=plan.name, **files, kind=plan.kind, log_dir=plan.log_dir, steps=plan.start_step,
+                       final_loss=None, status="failed", error=str(e))
 
 
 def _stderr(*a):
@@ -252,6 +258,19 @@ def train_many(configs: list[TrainConfig], *, cancel: threading.Event | None = N
         plans.append(make_plan(cfg))
     check_distinct(plans)
     group = TrainGroup(process, handle_signals=handle_signals)
+    if any(p.kind == "hypernetwork" for p in plans):
+        # a hypernetwork trains alone (its modules change the UNet every row sees): one after
+        # another over the one loaded model
+        try:
+            for p in plans:
+                if group.stopper.reason:
+                    break
+                group.add_plan(p, callback=callback, cancel=cancel)
+                while group.step():
+                    pass
+        finally:
+            group.close()
+        return [group.results.get(p.name) or _failed(p, KeyboardInterrupt()) for p in plans]
     for p in plans:
         group.add_plan(p, callback=callback, cancel=cancel)
     results = group.run_all()

@@ -7,6 +7,8 @@ data folder and captions, the template, a starting embedding, the output and log
 resumable state — and returns the `Plan` every later part of the run reads: resolved names and
 paths, parsed schedules, template lines, the image list, where the run starts. What only the
 model can tell (its width, its tokenizer) is checked by the loaders and ti_fast.training.model.
+A hypernetwork run (cfg.kind "hypernetwork") adds the checks of preflight_hypernetwork: the create
+flags, the --hypernetwork file, the model's widths read from its header alone.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..diffusion.samplers import sampler_key
 from ..embeddings import MAX_VECTORS, Embedding, read_embedding, sanitize_name
 from ..errors import ConfigError
 from ..fsutil import check_writable_dir, kind_of, special_reason
+from ..hypernetworks import sanitize_name as sanitize_hypernetwork_name
 from ..images import caption_for
 from ..models.attention import BACKENDS as ATTENTION
 from ..models.ops import CHOICES as KERNELS
@@ -27,6 +30,8 @@ from .config import LATENT_MODES, OPTIMIZERS, RESIZE_MODES, TrainConfig
 from .data import list_images
 from .lr import Schedule, parse_clip_grad, parse_schedule
 from .outputs import load_state, read_settings
+from .preflight_hypernetwork import (HypernetworkPlan, hypernetwork_plan, resume_changes, start_hypernetwork,
+                                     validate_hypernetwork)
 from .templates import check_name_reachable, load_template
 
 MAX_SEED = 2**64 - 1              # what torch.Generator.manual_seed takes
@@ -45,7 +50,7 @@ SHAPE_KEYS = ("name", "vectors", "model", "kind")
 class Plan:
     """Everything decided before the model loads."""
     cfg: TrainConfig
-    kind: str                         # what is trained: "embedding"
+    kind: str                         # what is trained: "embedding" | "hypernetwork" (cfg.kind)
     name: str                         # trigger word and file stem (sanitised)
     out_dir: Path
     log_dir: Path
@@ -58,6 +63,7 @@ class Plan:
     preview_sampler: str              # our sampler key
     start: Embedding | None = None    # --embedding
     state: dict | None = None         # --resume: the resumable state
+    hypernetwork: HypernetworkPlan | None = None   # a hypernetwork run: structure, widths, --hypernetwork
     notes: list[str] = field(default_factory=list)   # one-line notices to print
 
     @property
@@ -101,7 +107,10 @@ def validate(cfg: TrainConfig) -> None:
     """Every check of the settings themselves (no files, no devices): ConfigError naming the flag,
     the value and what it may be."""
     _need(cfg.data is not None, "--data DIR is required (a folder of training images; try --demo)")
-    _need(cfg.name is not None or cfg.embedding is not None, "--name NAME is required (or --embedding FILE)")
+    start_flag = "--hypernetwork" if cfg.kind == "hypernetwork" else "--embedding"
+    start_file = getattr(cfg, start_flag[2:])
+    _need(start_file is None or str(start_file).strip() != "", f"{start_flag}: the path is empty")
+    _need(cfg.name is not None or start_file is not None, f"--name NAME is required (or {start_flag} FILE)")
     _choice(cfg.precision, PRECISIONS, "--precision")
     _choice(cfg.optimizer, OPTIMIZERS, "--optimizer")
     _choice(cfg.latents, LATENT_MODES, "--latents")
@@ -144,18 +153,20 @@ def validate(cfg: TrainConfig) -> None:
     for flag, v in (("--name", cfg.name), ("--init-text", cfg.init_text), ("--preview-prompt", cfg.preview_prompt)):
         _need(v is None or "\x00" not in v, f"{flag}: the text holds a NUL byte")
     if cfg.name is not None:
-        check_name(cfg.name, cfg.steps)
+        check_name(cfg.name, cfg.steps, cfg.kind)
     lr = parse_schedule(cfg.lr, cfg.steps)
     huge = [r for r, _ in lr.entries if r > 1]
     _need(not huge or cfg.allow_huge_lr, f"--lr {cfg.lr!r}: a learning rate of {huge[0]:g} is over 1 "
           "(the usual range is 1e-4 to 0.05; a typo?): pass --allow-huge-lr to train with it anyway" if huge else "")
     parse_clip_grad(cfg.clip_grad, cfg.steps)
+    if cfg.kind == "hypernetwork":
+        validate_hypernetwork(cfg)
 
 
-def check_name(raw: str, steps: int) -> str:
+def check_name(raw: str, steps: int, kind: str = "embedding") -> str:
     """The sanitised name (A1111's rule); ConfigError when nothing is left or the files it names
     would not fit the 255-byte file-name limit."""
-    name = sanitize_name(raw)
+    name = sanitize_hypernetwork_name(raw) if kind == "hypernetwork" else sanitize_name(raw)
     limit = NAME_BYTES - _NAME_OVERHEAD - len(str(steps))
     size = len(name.encode("utf-8"))
     _need(size <= limit, f"--name: {size} bytes is too long for the file names it makes "
@@ -175,20 +186,37 @@ def _check_input_path(value, flag: str, want: str) -> None:
         raise ConfigError(f"{flag} {value} is a {kind}, not a {want}")
 
 
-def _resolve_name(cfg: TrainConfig) -> tuple[str, Embedding | None]:
+def _resolve_name(cfg: TrainConfig) -> tuple[str, object]:
+    """The run's name and what it starts from: an Embedding (--embedding), a Hypernetwork
+    (--hypernetwork; its file stem is the default name), or None."""
     start = None
+    if cfg.kind == "hypernetwork":
+        hn = start_hypernetwork(cfg)
+        return check_name(cfg.name if cfg.name else hn.path.stem, cfg.steps, cfg.kind), hn
     if cfg.embedding:
         _check_input_path(cfg.embedding, "--embedding", "file")
-        start = read_embedding(cfg.embedding)
+        start = _read_start_embedding(cfg.embedding)
         _need(start.vectors.shape[0] <= MAX_VECTORS,
               f"--embedding {cfg.embedding}: {start.vectors.shape[0]} vectors do not fit in a prompt "
               f"(at most {MAX_VECTORS}): it could never be trained or used")
     return check_name(cfg.name if cfg.name else start.name, cfg.steps), start
 
 
-def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start: Embedding | None) -> tuple[dict, list[str]]:
+def _read_start_embedding(path) -> Embedding:
+    try:
+        return read_embedding(path)
+    except ConfigError as e:
+        if "an A1111 hypernetwork, not an embedding" in str(e):      # the reader's wording
+            raise ConfigError(f"--embedding {path}: an A1111 hypernetwork, not an embedding (train it with "
+                              f"`ti-fast train-hypernetwork --hypernetwork {path}`)") from None
+        raise
+
+
+def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start, hp: HypernetworkPlan | None
+                      ) -> tuple[dict, list[str], HypernetworkPlan | None]:
     """The resumable state, checked: there, readable, and of a run of the same shape (name,
-    vectors, model, what is trained). Returns it and a notice listing other changed settings."""
+    vectors or the hypernetwork's widths and structure, model, what is trained). Returns it, a
+    notice listing other changed settings, and the hypernetwork plan as the state has it."""
     why = special_reason(state_path)
     if why is not None:
         raise ConfigError(f"--resume: {state_path} is {why}")
@@ -197,14 +225,18 @@ def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start: Embe
     state = load_state(state_path)
     last = read_settings(state_path.parent / "settings.json")
     prev = last.get("config", {}) if last else {}
-    vectors = start.vectors.shape[0] if start is not None else cfg.vectors
     shape = []
     if state.get("name", name) != name:
         shape.append(f"name {state['name']!r} (now {name!r})")
-    if state.get("kind", "embedding") != "embedding":
-        shape.append(f"a {state['kind']} (now an embedding)")
-    if state["vectors"].shape[0] != vectors:
-        shape.append(f"{state['vectors'].shape[0]} vectors (now {vectors})")
+    if state.get("kind", "embedding") != cfg.kind:
+        shape.append(f"what is trained: {state.get('kind', 'embedding')} (now {cfg.kind})")
+    elif hp is not None:
+        changes, hp = resume_changes(state, hp, state_path)
+        shape += changes
+    else:
+        vectors = start.vectors.shape[0] if start is not None else cfg.vectors
+        if state["vectors"].shape[0] != vectors:
+            shape.append(f"{state['vectors'].shape[0]} vectors (now {vectors})")
     if prev.get("model") and _same_path(prev["model"]) != _same_path(cfg.model):
         shape.append(f"model {prev['model']} (now {cfg.model})")
     if shape:
@@ -214,7 +246,7 @@ def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start: Embe
     changed = [k for k, v in cfg.to_dict().items() if k in prev and k not in ignore and prev[k] != v]
     notes = ["ti-fast: resuming with changed settings: " + ", ".join(
         f"--{k.replace('_', '-')} {prev[k]!r} -> {getattr(cfg, k)!r}" for k in changed)] if changed else []
-    return state, notes
+    return state, notes, hp
 
 
 def _same_path(p) -> str:
@@ -226,15 +258,18 @@ def plan(cfg: TrainConfig, warn=None) -> Plan:
     receives one line per skipped image file (FIFOs and the like)."""
     validate(cfg)
     name, start = _resolve_name(cfg)
+    hyper = cfg.kind == "hypernetwork"
     lines = load_template(cfg.template)
     images = list_images(cfg.data, recursive=cfg.recursive, warn=warn)
-    check_name_reachable(lines, [caption_for(p) for p in images], name)
+    if not hyper:                    # a hypernetwork's prompts need no trigger word
+        check_name_reachable(lines, [caption_for(p) for p in images], name)
     _need(cfg.model is not None, "--model PATH is required (a .safetensors/.ckpt file or a diffusers folder; try --demo)")
     _check_input_path(cfg.model, "--model", "file or folder")
     if cfg.vae:
         _check_input_path(cfg.vae, "--vae", "file")
     if cfg.tokenizer:
         _check_input_path(cfg.tokenizer, "--tokenizer", "folder")
+    hp = hypernetwork_plan(cfg, start) if hyper else None      # the model's widths from its header
     out_dir = check_writable_dir(cfg.out, "--out")
     log_dir = check_writable_dir(cfg.log_dir if cfg.log_dir else Path("ti-logs") / name, "--log-dir")
     if cfg.cache_dir:
@@ -242,23 +277,24 @@ def plan(cfg: TrainConfig, warn=None) -> Plan:
     state_path = log_dir / "state.pt"
     state, notes, start_step = None, [], int(start.step or 0) if start is not None else 0
     if cfg.resume:
-        state, notes = _state_for_resume(cfg, state_path, name, start)
+        state, notes, hp = _state_for_resume(cfg, state_path, name, start, hp)
         start_step = int(state["step"])
     else:
         if kind_of(state_path) != "missing" and not cfg.overwrite:
             raise ConfigError(f"{log_dir} holds a resumable run (state.pt): pass --resume to continue it "
                               "or --overwrite to start it again")
-        clash = [p for p in (out_dir / f"{name}.pt", out_dir / f"{name}.safetensors") if kind_of(p) != "missing"]
+        outputs = [out_dir / f"{name}.pt"] + ([] if hyper else [out_dir / f"{name}.safetensors"])
+        clash = [p for p in outputs if kind_of(p) != "missing"]
         if clash and not cfg.overwrite:
             raise ConfigError(f"{clash[0]} exists: pass --resume to continue it or --overwrite to replace it")
     lr = parse_schedule(cfg.lr, cfg.steps)
     if start_step >= lr.end_step:
-        raise ConfigError(f"nothing to do: the embedding already has {start_step} steps and training ends "
+        raise ConfigError(f"nothing to do: the {cfg.kind} already has {start_step} steps and training ends "
                           f"at {lr.end_step} (raise --steps)")
     seed = int(state["seed"]) if state else (cfg.seed if cfg.seed is not None
                                              else random.SystemRandom().randrange(2**31))
-    return Plan(cfg=cfg, kind="embedding", name=name, out_dir=out_dir, log_dir=log_dir, lr=lr,
+    return Plan(cfg=cfg, kind=cfg.kind, name=name, out_dir=out_dir, log_dir=log_dir, lr=lr,
                 clip=parse_clip_grad(cfg.clip_grad, cfg.steps), lines=lines, images=images,
                 start_step=start_step, seed=seed, preview_sampler=sampler_key(cfg.preview_sampler),
-                start=start, state=state, notes=notes)
+                start=None if hyper else start, state=state, notes=notes, hypernetwork=hp)
 

@@ -1,7 +1,9 @@
 """Training previews: every --preview-every steps an image from what is being trained (fixed seed,
 so previews compare across steps), a grid of all previews so far, and with --png-embed an
 A1111-loadable image embedding named NAME-STEP. Every PNG carries A1111 infotext, with
-`TI hashes: "NAME: HASH"` (the hash of the NAME.pt the run would write at that step). Previews
+`TI hashes: "NAME: HASH"` (the hash of the NAME.pt the run would write at that step). A
+hypernetwork's previews sample with it attached at strength 1 in eval mode (dropout off), and
+their infotext prompt carries `<hypernet:NAME:1>`, so A1111 reproduces them from NAME.pt. Previews
 draw from their own CPU generators and run under no_grad: the training RNG and the trained
 values are untouched (bitwise-same training with previews on or off)."""
 from __future__ import annotations
@@ -39,25 +41,28 @@ class Previewer:
     def __call__(self, step: int, trainable) -> Path:
         cfg, m, name = self.cfg, self.model, self.plan.name
         was = m.unet.training
-        imgs, _ = sample_images(m, self.ptok, trainable.preview_vectors(), self.prompt, cfg.preview_negative,
-                                sampler=self.plan.preview_sampler, steps=cfg.preview_steps, cfg=cfg.preview_cfg,
-                                seeds=[cfg.preview_seed], width=cfg.width, height=cfg.height,
-                                clip_skip=cfg.clip_skip, c_concat=self.c_concat, decode_device=self.device)
+        with trainable.previewing():
+            imgs, _ = sample_images(m, self.ptok, trainable.preview_vectors(), self.prompt, cfg.preview_negative,
+                                    sampler=self.plan.preview_sampler, steps=cfg.preview_steps, cfg=cfg.preview_cfg,
+                                    seeds=[cfg.preview_seed], width=cfg.width, height=cfg.height,
+                                    clip_skip=cfg.clip_skip, c_concat=self.c_concat, decode_device=self.device)
         m.unet.train(was)
         img = to_pil(imgs)[0]
-        state = trainable.state_dict()
-        emb = trainable.embedding(state, step)
-        info = make_infotext(self.prompt, cfg.preview_negative, steps=cfg.preview_steps,
+        embedding = trainable.kind == "embedding"
+        state = trainable.state_dict() if embedding else None
+        prompt = self.prompt if embedding else f"{self.prompt} <hypernet:{name}:1>"
+        info = make_infotext(prompt, cfg.preview_negative, steps=cfg.preview_steps,
                              sampler=S.SAMPLERS[self.plan.preview_sampler].label,
                              schedule_type=S.schedule_label(self.plan.preview_sampler, None), cfg_scale=cfg.preview_cfg,
                              seed=cfg.preview_seed, width=cfg.width, height=cfg.height,
                              model_hash=m.info.hash, model_name=m.info.name, clip_skip=cfg.clip_skip,
-                             ti_hashes={name: pt_shorthash(emb)}, version=VERSION)
+                             ti_hashes={name: pt_shorthash(trainable.embedding(state, step))} if embedding else None,
+                             version=VERSION)
         path = self.images_dir / f"{name}-{step}.png"
         write_png_with_infotext(img, path, info)
         self.tiles.append((step, img))
         self.write_grid(info)
-        if cfg.png_embed:
+        if cfg.png_embed and embedding:
             named = trainable.embedding(state, step, trainable.periodic_name(step))
             write_png_with_infotext(embedding_to_png(named, img), self.embed_dir / f"{named.name}.png", info,
                                     extra_chunks={CHUNK_KEY: embedding_chunk_text(named)})

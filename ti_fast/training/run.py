@@ -28,14 +28,14 @@ from .control import RunLock
 from .outputs import RunRecord
 from .previews import Previewer
 from .step import new_member
-from .trainable import EmbeddingTrainable
+from .trainable import trainable_for
 
 
 @dataclass
 class TrainResult:
     name: str
-    embedding: Path                 # NAME.pt (A1111 format)
-    embedding_safetensors: Path     # NAME.safetensors (emb_params)
+    embedding: Path | None          # NAME.pt (A1111 format); None for a hypernetwork
+    embedding_safetensors: Path | None   # NAME.safetensors (emb_params); None for a hypernetwork
     log_dir: Path
     steps: int                      # completed optimizer steps (total, including earlier runs)
     final_loss: float | None
@@ -46,6 +46,8 @@ class TrainResult:
     files: dict = field(default_factory=dict)
     best_loss: float | None = None
     error: str | None = None        # the one line of a failed run
+    hypernetwork: Path | None = None     # a hypernetwork run: NAME.pt (A1111 format)
+    kind: str = "embedding"
 
 
 class Run:
@@ -70,7 +72,7 @@ class Run:
         previews, record."""
         try:
             model, cfg = tm.model, plan.cfg
-            trainable = EmbeddingTrainable.for_run(plan, model, tm.device)
+            trainable = trainable_for(plan, model, tm.device)
             data = build_training_data(plan, tm, trainable, say, memo=memo)
             gen = torch.Generator(device=tm.device).manual_seed(plan.seed)
             member = new_member(trainable, optimizer=cfg.optimizer, lr=plan.lr.rate(plan.start_step), generator=gen,
@@ -84,6 +86,8 @@ class Run:
                                resumed=plan.state is not None)
             preview = Previewer(model, plan, data.ptok, tm.device, data.first_prompt()) if plan.previews else None
         except BaseException:
+            if "trainable" in locals():
+                trainable.close()             # a hypernetwork's hooks leave the shared UNet
             lock.release()
             raise
         return cls(plan, tm, trainable, data, member, ckpt, preview, record, lock, callback=callback, cancel=cancel,
@@ -140,7 +144,8 @@ class Run:
         return {"name": self.name, **self.group, "status": self.status, "step": self.n, "end_step": self.end_step,
                 "loss": self.ckpt.last_loss, "lr": float(rows[-1][4]) if rows else None, "epoch": self.data.epoch,
                 "samples_per_s": rate, "eta_s": eta, "preview": str(self.last_preview) if self.last_preview else None,
-                "error": self.error, "files": {"embedding": str(self.plan.pt_path), "log_dir": str(self.plan.log_dir)}}
+                "error": self.error, "files": {"outputs": [str(p) for p in self.trainable.output_paths(self.plan.out_dir)],
+                          "log_dir": str(self.plan.log_dir)}, "kind": self.trainable.kind}
 
     def notify(self) -> None:
         """Tell the callback about a status change (its answer no longer matters)."""
@@ -186,7 +191,8 @@ class Run:
         peak = torch.cuda.max_memory_allocated(tm.device) / 2**30 if tm.device.type == "cuda" else None
         self.record.update(wall_time_s=round(wall, 3), status=self.status, steps_done=self.n)
         losses = [l for _, l in self.ckpt.loss_log.losses()]
-        res = TrainResult(name=plan.name, embedding=plan.pt_path, embedding_safetensors=plan.st_path,
+        fields = {"embedding": None, "embedding_safetensors": None, **self.trainable.result_fields(plan.out_dir)}
+        res = TrainResult(name=plan.name, **fields, kind=self.trainable.kind,
                           log_dir=plan.log_dir, steps=self.n, final_loss=self.ckpt.last_loss, status=self.status,
                           wall_time=wall, samples_per_s=(self.samples / wall if wall > 0 else 0.0), peak_memory_gib=peak,
                           files={"loss_csv": plan.log_dir / "loss.csv", "loss_png": plan.log_dir / "loss.png",
@@ -196,7 +202,10 @@ class Run:
         loss = self.ckpt.last_loss
         self.say(f"ti-fast: {plan.name}: {self.status} at step {self.n}/{plan.end_step} in {wall:.1f} s "
                  f"({res.samples_per_s:.2f} samples/s{mem}); final loss {loss if loss is None else round(loss, 5)}")
-        self.say(f"  embedding: {plan.pt_path}  (+ {plan.st_path.name})\n  log:       {plan.log_dir}")
+        outs = self.trainable.output_paths(plan.out_dir)
+        also = f"  (+ {', '.join(p.name for p in outs[1:])})" if outs[1:] else ""
+        self.say(f"  {self.trainable.kind}: {outs[0]}{also}\n  log:       {plan.log_dir}")
+        self.trainable.close()                # a hypernetwork's hooks leave the (shared) UNet
         self.lock.release()
         return res
 
@@ -213,7 +222,7 @@ def _settings(plan, tm, data, trainable) -> dict:
             "ran": dict(tm.ran), "seed": plan.seed, "device": str(tm.device), "dtype": str(tm.dtype),
             "model": {"name": model.info.name, "hash": model.info.hash, "path": str(model.info.path),
                       "variant": model.info.variant},
-            "images": len(data.items), "kind": trainable.kind, "vectors": int(trainable.vectors.shape[0]),
+            "images": len(data.items), **trainable.settings(),
             "start_step": plan.start_step, "end_step": plan.end_step, "versions": _versions()}
 
 

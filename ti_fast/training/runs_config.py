@@ -24,6 +24,7 @@ folder, LOG_DIR/<run name> (LOG_DIR: the top-level log-dir, default ./ti-logs).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -36,7 +37,7 @@ def _key(k: str) -> str:
     return k.replace("-", "_")
 
 
-def _run_keys(table, where: str) -> dict:
+def _run_keys(table, where: str, fields: dict) -> dict:
     """A [[run]] table's keys, checked: known, per-run, of the right type."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: each [[run]] must be a table of settings")
@@ -45,43 +46,44 @@ def _run_keys(table, where: str) -> dict:
         key = _key(k)
         if key in PROCESS_KEYS:
             raise ConfigError(f"{where}: {k!r} is process-wide (shared by every run): set it at the top of the file")
-        out[key] = check_value(key, v, where)
+        out[key] = check_value(key, v, where, fields)
     return out
 
 
-def read_runs(path, overrides: dict | None = None) -> list[TrainConfig] | None:
+def read_runs(path, overrides: dict | None = None, cls=TrainConfig) -> list[TrainConfig] | None:
     """The runs of a TOML file with [[run]] tables or a [sweep] table, or None when it holds one
-    plain run (TrainConfig.from_toml reads that). `overrides`: command-line flags, applied to the
-    shared top level."""
+    plain run (cls.from_toml reads that). `overrides`: command-line flags, applied to the shared
+    top level; cls: TrainConfig, or HypernetworkTrainConfig for train-hypernetwork."""
     data = read_toml(path)
     runs, sweep = data.pop("run", None), data.pop("sweep", None)
     if runs is None and sweep is None:
         return None
     if runs is not None and sweep is not None:
         raise ConfigError(f"--config {path}: [[run]] tables and a [sweep] exclude each other: use one file for each")
-    top = {k: check_value(k, v, str(path)) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    top = {k: check_value(k, v, str(path), fields) for k, v in data.items()}
     top.update(overrides or {})
     if runs is not None:
         if not isinstance(runs, list) or not runs:
             raise ConfigError(f"--config {path}: the [[run]] list is empty: add a [[run]] table per run")
-        return [TrainConfig(**{**top, **_run_keys(t, f"{path} [[run]] #{i + 1}")}) for i, t in enumerate(runs)]
-    return _sweep_runs(path, top, sweep)
+        return [cls(**{**top, **_run_keys(t, f"{path} [[run]] #{i + 1}", fields)}) for i, t in enumerate(runs)]
+    return _sweep_runs(path, top, sweep, cls, fields)
 
 
-def _sweep_runs(path, top: dict, sweep) -> list[TrainConfig]:
+def _sweep_runs(path, top: dict, sweep, cls, fields: dict) -> list[TrainConfig]:
     where = f"--config {path} [sweep]"
     if not isinstance(sweep, dict) or not sweep:
         raise ConfigError(f"{where}: name at least one key with a list of values, e.g. lr = [\"0.005\", \"0.002\"]")
     axes = []
     for k, values in sweep.items():
         key = _key(k)
-        if key not in FIELDS:
+        if key not in fields:
             raise ConfigError(f"{where}: unknown key {k!r}; keys are the flag names")
         if key in PROCESS_KEYS or key in ("name", "out", "log_dir"):
             raise ConfigError(f"{where}: {k!r} cannot be swept ({'process-wide' if key in PROCESS_KEYS else 'it names the runs'})")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: {k!r} needs a non-empty list of values")
-        axes.append((key, [check_value(key, v, where) for v in values]))
+        axes.append((key, [check_value(key, v, where, fields) for v in values]))
     if not top.get("name"):
         raise ConfigError(f"--config {path}: a sweep needs name = \"...\" at the top (the runs are named after it)")
     log_root = Path(top.get("log_dir") or "ti-logs")
@@ -89,7 +91,7 @@ def _sweep_runs(path, top: dict, sweep) -> list[TrainConfig]:
     for combo in itertools.product(*(vals for _, vals in axes)):
         values = dict(zip((k for k, _ in axes), combo))
         name = top["name"] + "".join(f"-{k.replace('_', '-')}{_label(v)}" for k, v in values.items())
-        out.append(TrainConfig(**{**top, **values, "name": name, "log_dir": str(log_root / name)}))
+        out.append(cls(**{**top, **values, "name": name, "log_dir": str(log_root / name)}))
     return out
 
 

@@ -5,8 +5,9 @@ Per micro-batch (B images of one size):
   ctx  = trainable.context(text_encoder, mb)                          [B, 77, 768]
   t ~ U{0..999}, ε ~ N(0, I); x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε              [B, 4, h, w]
   loss = mean((unet(x_t, t, ctx) − ε)² · weight)                        scalar, fp32
-Only the trainable's parameters (fp32 masters: an embedding's vectors [N, 768]) receive a
-gradient; UNet and text encoder are frozen (requires_grad False), so backward computes input
+Only the trainable's parameters (fp32 masters: an embedding's vectors [N, 768], or a
+hypernetwork's module weights, which act inside the UNet) receive a gradient; UNet and text
+encoder are frozen (requires_grad False), so backward computes input
 gradients only. Nothing here synchronises with the host: the loss and a finiteness flag stay on
 the device.
 

@@ -14,6 +14,8 @@ Differences, deliberate:
   dropped: dropping them would silently take the embedding out of the prompt.
 - Empty captions leave no stray separators ("x, , y" -> "x, y", no leading/trailing ", ").
 - Blank template lines are ignored (A1111 keeps them as empty prompts).
+- `hypernetwork` (A1111's default for hypernetworks, `ti-fast train-hypernetwork`'s here): style-like
+  lines around `[filewords]` without `[name]` — a hypernetwork has no trigger word.
 - `none` is the single line "[filewords]": the caption is the whole prompt and must contain
   `[name]` or the name itself. (A1111's none.txt is "picture", which has no [name]: for an
   embedding it trains nothing.) `check_name_reachable` catches that mistake up front.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from .data import DataError
 
-TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords", "none")
+TEMPLATES = ("subject", "subject_filewords", "style", "style_filewords", "none", "hypernetwork")
 _DIR = Path(__file__).with_suffix("")          # ti_fast/training/templates/
 _COMMA_RUNS = re.compile(r"\s*,(\s*,)+\s*")     # ", ," left by an empty [filewords]
 

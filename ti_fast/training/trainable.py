@@ -3,21 +3,29 @@ trainable says which parameters exist, how they enter the model, what of it is r
 how it is saved and how previews see it. The loop, the step and the checkpointer only talk to
 this interface:
 
-    kind                      "embedding" (a hypernetwork and a group of embeddings are others)
+    kind                      "embedding" | "hypernetwork" (trainable_hypernetwork.py); a group of
+                              embeddings is another
     name                      trigger word / file stem
     parameters()              fp32 master tensors the optimizer updates (requires_grad)
     context(te, mb, skip)     the UNet's text conditioning [B, 77, D] for one micro-batch
+    before_micro_batch()      optional: device-side in-place work before each micro-batch's forward
+                              (TrainStep calls it inside the step, so a CUDA graph replays it)
     state_dict()              the trained values, cloned on their device (snapshots, resume)
     load_state_dict(d)        put values back in place (a captured CUDA graph keeps addresses)
     write(d, step, out_dir)   the run's output files from a state_dict; returns their paths
+    output_paths(out_dir), outputs_agree(d, step, out_dir), result_fields(out_dir)
     write_periodic(d, step, log_dir)   the every-N-steps copy
-    preview_vectors(), slots  what previews sample with
+    preview_vectors(), slots, previewing()   what previews sample with (and the mode they sample in)
+    settings()                what settings.json records about it
+
+`trainable_for(plan, model, device)` builds the run's trainable by plan.kind.
 
 EmbeddingTrainable trains N new token vectors [N, 768]: they replace the trigger word's N
 prompt tokens inside the text encoder's input (vector_index), so gradients reach only them.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -82,6 +90,16 @@ class EmbeddingTrainable:
         """Called by the step before each micro-batch's forward (a hypernetwork advances its
         dropout there); nothing for an embedding."""
 
+    def previewing(self):
+        return nullcontext()
+
+    def settings(self) -> dict:
+        """What settings.json records about what is trained."""
+        return {"kind": self.kind, "vectors": int(self.vectors.shape[0])}
+
+    def close(self) -> None:
+        """Leave the model as it was (a hypernetwork detaches its hooks); nothing for an embedding."""
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"vectors": self.vectors.detach().clone()}
@@ -97,6 +115,10 @@ class EmbeddingTrainable:
 
     def output_paths(self, out_dir: Path) -> list[Path]:
         return [Path(out_dir) / f"{self.name}.pt", Path(out_dir) / f"{self.name}.safetensors"]
+
+    def result_fields(self, out_dir: Path) -> dict:
+        """TrainResult's file fields."""
+        return dict(zip(("embedding", "embedding_safetensors"), self.output_paths(out_dir)))
 
     def write(self, d: dict, step: int, out_dir: Path) -> list[Path]:
         """NAME.pt (A1111) then NAME.safetensors (kohya) from a state_dict."""
@@ -122,6 +144,14 @@ class EmbeddingTrainable:
         """LOG/embeddings/NAME-STEP.pt (its name inside is NAME-STEP too)."""
         name = self.periodic_name(step)
         return save_pt(self.embedding(d, step, name), Path(log_dir) / "embeddings" / f"{name}.pt")
+
+
+def trainable_for(plan, model, device):
+    """The run's trainable, by plan.kind: an embedding's vectors or a hypernetwork."""
+    if plan.kind == "hypernetwork":
+        from .trainable_hypernetwork import HypernetworkTrainable
+        return HypernetworkTrainable.for_run(plan, model, device)
+    return EmbeddingTrainable.for_run(plan, model, device)
 
 
 class EmbeddingGroup:
