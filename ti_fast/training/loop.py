@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import NonFiniteLossError, OutOfMemoryError, RunCrashed, UserError
-from ..fsutil import atomic_write_text
+from ..errors import MAX_LEN, NonFiniteLossError, OutOfMemoryError, RunCrashed, UserError, one_line
+from ..fsutil import atomic_write_text, disk_full_error, is_disk_full
 from .batches import build_training_data
 from .checkpointer import Checkpointer
 from .config import TrainConfig
@@ -78,18 +78,18 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
                           clip_grad=(plan.clip[0], plan.clip[1].rate(plan.start_step)) if plan.clip else None,
                           fp16=tm.dtype == torch.float16, cuda_graph=graph, say=say)
         stopper = Stopper(cancel, callback, handle_signals)
-        ckpt = Checkpointer(plan, trainable, data, step.optimizer, gen, step.scaler, stopper=stopper,
-                            check_every=1 if tm.device.type != "cuda" else cfg.check_every, say=say)
-        if plan.state is not None:
-            ckpt.resume(plan.state)
-        record = RunRecord(plan.log_dir / "settings.json", _settings(plan, tm, step, data, trainable),
-                           resumed=plan.state is not None)
-        preview = Previewer(model, plan, data.ptok, tm.device, data.first_prompt()) if plan.previews else None
-        if tm.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(tm.device)
-        run = _Run(plan, step, data, ckpt, stopper, preview, trainable, record, t_launch, say)
-        try:                                                                    # 6. loop
-            run.loop()
+        try:                      # from here on, whatever happens, the signal handlers are put back
+            ckpt = Checkpointer(plan, trainable, data, step.optimizer, gen, step.scaler, stopper=stopper,
+                                check_every=1 if tm.device.type != "cuda" else cfg.check_every, say=say)
+            if plan.state is not None:
+                ckpt.resume(plan.state)
+            record = RunRecord(plan.log_dir / "settings.json", _settings(plan, tm, step, data, trainable),
+                               resumed=plan.state is not None)
+            preview = Previewer(model, plan, data.ptok, tm.device, data.first_prompt()) if plan.previews else None
+            if tm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(tm.device)
+            run = _Run(plan, step, data, ckpt, stopper, preview, trainable, record, t_launch, say)
+            run.loop()                                                          # 6. loop
         finally:
             stopper.restore()
             step.reset()          # the captured graphs' memory pool returns now, not at garbage collection
@@ -147,6 +147,8 @@ class _Run:
             if isinstance(e, KeyboardInterrupt):
                 self.status = "interrupted"
                 return
+            if is_disk_full(e):                   # e.g. settings.json, written between saves
+                raise disk_full_error(e.filename or plan.log_dir, e) from None
             raise _crashed(e, plan, self.n) from e
 
     def _set_rates(self) -> float:
@@ -224,8 +226,10 @@ def _crashed(e: BaseException, plan, step: int) -> RunCrashed:
     except OSError:
         path = None
     where = f"; full traceback in {path}" if path else ""
-    return RunCrashed(f"internal error at step {step}: {type(e).__name__}: {e} (the run was saved at step "
-                      f"{step}{where}; please report it)", traceback_path=path)
+    head, tail = f"internal error at step {step}: ", f" (the run was saved at step {step}{where}; please report it)"
+    # the error's own text is cut to fit the line, never the path after it
+    what = one_line(f"{type(e).__name__}: {e}", max(80, MAX_LEN - len(head) - len(tail)))
+    return RunCrashed(head + what + tail, traceback_path=path)
 
 
 def _versions():
