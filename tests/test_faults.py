@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ from train_helpers import quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 8                                   # steps of the uninterrupted reference run
-THREADS = torch.get_num_threads()       # every run here uses it: CPU results depend on it
+THREADS = 1                             # every run here uses it: CPU results depend on it
 WAIT_S = 120                            # a child that announces nothing for this long failed
 
 # The children are forked by a server process that imported torch, transformers and ti-fast
@@ -279,17 +280,28 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
     return rc, [ln for ln in err.splitlines() if ln.strip()]
 
 
+@contextmanager
+def threads(n: int = THREADS):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_single, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
-    assert train(quick_config(tiny_single, tmp, steps=N)).status == "completed"
+    with threads():
+        assert train(quick_config(tiny_single, tmp, steps=N)).status == "completed"
     return tmp
 
 
 @pytest.fixture(autouse=True)
 def _threads():
-    yield
-    torch.set_num_threads(THREADS)       # in-process CLI calls set it (at the CLI's entry)
+    with threads():                     # the in-process runs as the children (and pytest as it was)
+        yield
 
 
 # ----------------------------------------------------------------------------- signals
