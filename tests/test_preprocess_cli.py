@@ -9,13 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from forked import main_as_nobody
 from preprocess_helpers import noise, outputs, png_bomb, position_image
 from ti_fast.cli import main
 
@@ -100,38 +100,6 @@ def test_bad_folders_one_line(capsys, src, tmp_path):
 
 
 CHILD = "import sys; from ti_fast.cli import main; sys.exit(main(sys.argv[1:]))"
-
-
-def main_as_nobody(argv, timeout: float = 120.0) -> tuple[int, str]:
-    """main(argv) in a forked child switched to uid/gid 65534 (nobody) -> (exit code, stderr).
-    Forked, not exec'd: the interpreter may live where nobody cannot read it; every module the
-    run needs is already imported here."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:                                   # the child: never returns into pytest
-        code = 99
-        try:
-            os.close(r)
-            sys.stderr = os.fdopen(w, "w")
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            code = main(argv)
-        except BaseException as e:                 # noqa: BLE001 - reported to the parent
-            print(f"child failed: {e!r}", file=sys.stderr)
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(w)
-    end = time.monotonic() + timeout
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > end:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            pytest.fail("the child hung")
-        time.sleep(0.05)
-    with os.fdopen(r) as f:
-        return os.waitstatus_to_exitcode(done[1]), f.read()
 
 
 def test_output_folder_not_writable():

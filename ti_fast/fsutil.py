@@ -8,6 +8,7 @@ reading blocks until a writer appears, and a device file can stream forever.
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import stat
 import tempfile
@@ -28,18 +29,35 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file ordinary permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 (and some writers, safetensors', replace the file by their own 0600
+        # temp): give the file ordinary permissions after the writer is done
+        os.chmod(tmp, 0o666 & ~umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = str(path)   # a full disk names the file the user knows, not the temp
         raise
+
+
+def remove_temps(path) -> None:
+    """Delete the temporary files of `path` that atomic_path left when its process was killed
+    mid-write (.NAME.XXXXXXXX.tmp beside it). Only for a file this process owns, e.g. a run's
+    own files under its log folder's lock."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if kind_of(tmp) == "file" and not tmp.is_symlink():
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def umask() -> int:

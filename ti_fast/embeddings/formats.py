@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from ti_fast.errors import ConfigError
-from ti_fast.fsutil import atomic_path, atomic_write_bytes
+from ti_fast.fsutil import atomic_write_bytes
 
 # A1111 writes this fixed token id under string_to_token; nothing reads it back.
 A1111_TOKEN_ID = 265
@@ -268,7 +268,7 @@ def save_safetensors(emb: Embedding, path) -> Path:
             "sd_checkpoint_name": emb.sd_checkpoint_name}
     meta = {k: str(v) for k, v in meta.items() if v is not None}
     tensors = {KOHYA_KEY: emb.vectors.detach().to("cpu", torch.float32).contiguous().clone()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
+    # bytes first, then an ordinary write: a full disk raises OSError (save_file's is not one)
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
     emb.path = path
     return path

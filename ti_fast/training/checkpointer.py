@@ -4,10 +4,12 @@ and final saves, the resumable state.
 The device is read once per check (every --check-every steps on CUDA, every step on CPU): the
 pending steps' losses and finiteness flags come back in one transfer, are logged, and — when all
 are finite — the run's complete state is snapshotted on its device as the last good one. Saves
-write, in this order, LOG/state.pt, then the trainable's files (NAME.pt, NAME.safetensors), then
-loss.csv (rows up to the saved step) and loss.png, each atomically and inside the stopper's
-shield: whatever interrupts a run, the state, the pair and loss.csv agree on the step, and a run
-killed between two of those writes is put right by `resume` (the state is the source of truth).
+write, in this order, loss.csv (rows up to the saved step) and loss.png, then LOG/state.pt, then
+the trainable's files (NAME.pt, NAME.safetensors), each atomically and inside the stopper's
+shield: whatever interrupts a run, the state, the pair and loss.csv agree on the step. A run
+killed between two of those writes is put right by `resume`: the state is the source of truth,
+the pair is rewritten from it, and loss.csv's rows past its step are dropped — so the log goes
+first (rows ahead of the state are harmless, rows missing behind it would be lost).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import math
 import torch
 
 from ..errors import NonFiniteLossError
-from ..fsutil import disk_full_error, is_disk_full
+from ..fsutil import disk_full_error, is_disk_full, remove_temps
 from .outputs import LossLog, plot_loss, save_state
 
 
@@ -72,6 +74,11 @@ class Checkpointer:
                 self._guard(lambda: self.trainable.write(state, int(state["step"]), self.plan.out_dir))
 
     def start(self, step: int) -> None:
+        """The run starts at `step`: the first last-good snapshot. Temp files that a killed run
+        left beside the files written here are removed (this run holds the log folder's lock)."""
+        for path in (self.plan.state_path, self.loss_log.path, self.loss_log.path.with_suffix(".png"),
+                     self.plan.log_dir / "settings.json", self.plan.pt_path, self.plan.st_path):
+            remove_temps(path)
         self.good = self.snapshot(step)
 
     # ------------------------------------------------------------------ per step
@@ -120,17 +127,17 @@ class Checkpointer:
         LOG/hypernetworks/NAME-STEP.pt), the state, loss.csv/png."""
         snap = self.good if self.good is not None and self.good["step"] == step else self.snapshot(step)
         with self.stopper.shield():
+            self._guard(lambda: self._write_log(step))
             self._guard(lambda: self.trainable.write_periodic(snap, step, self.plan.log_dir))
             self._guard(lambda: save_state(self.plan.state_path, _cpu(snap)))
-            self._guard(lambda: self._write_log(step))
 
     def save(self, snap: dict) -> None:
-        """The final save (also after an interruption or an error): state, output files, log."""
+        """The final save (also after an interruption or an error): log, state, output files."""
         step = int(snap["step"])
         with self.stopper.shield():
+            self._guard(lambda: self._write_log(step))
             self._guard(lambda: save_state(self.plan.state_path, _cpu(snap)))
             self._guard(lambda: self.trainable.write(snap, step, self.plan.out_dir))
-            self._guard(lambda: self._write_log(step))
 
     def save_after_error(self) -> dict | None:
         """After an exception inside a step, or a second Ctrl-C: save the last good state, the

@@ -25,6 +25,7 @@ import uuid
 import torch
 
 from ..errors import ConfigError, NonFiniteLossError, OutOfMemoryError, UserError
+from ..fsutil import disk_full_error, is_disk_full
 from .config import PROCESS_KEYS, TrainConfig
 from .control import RunLock, Stopper
 from .model import load_for_training
@@ -105,13 +106,15 @@ class TrainGroup:
         """One step for every active run; False when no run is left."""
         self._start_pending()
         self._stop_requested()
+        for run in [r for r in self.runs if r.n >= r.end_step]:   # resumed at its last step: save
+            self._end(run, "completed")
         if not self.runs:
             return bool(self._pending)
         runs = list(self.runs)
         for r in runs:
             r.group = {"group": self.id, "active_runs": len(runs)}
-        built = self._step_for(runs)
         try:
+            built = self._step_for(runs)
             loss, finite = built.fn([r.begin_step() for r in runs])
         except BaseException as e:
             self._fail_all(e)
@@ -160,6 +163,8 @@ class TrainGroup:
                                 t_launch=t_launch, say=self.say)
             except Exception as e:                  # e.g. an embedding of the wrong width: this run fails
                 lock.release()
+                if is_disk_full(e):
+                    e = disk_full_error(getattr(e, "filename", None) or plan.log_dir, e)
                 self.errors[plan.name] = e
                 self.results[plan.name] = _failed(plan, e)
                 if callback is not None:
@@ -223,6 +228,8 @@ class TrainGroup:
                 err.__cause__ = e
             elif isinstance(e, (KeyboardInterrupt, UserError)):
                 err = e
+            elif is_disk_full(e):                 # e.g. settings.json, written between saves
+                err = disk_full_error(getattr(e, "filename", None) or run.plan.log_dir, e)
             else:
                 err = crashed(e, run.plan, int(saved["step"]) if saved else run.n)
                 err.__cause__ = e

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from ..fsutil import atomic_path, atomic_write_text, special_reason
+from ..fsutil import atomic_path, atomic_write_bytes, atomic_write_text, special_reason
 
 CSV_HEADER = ["step", "epoch", "epoch_step", "loss", "lr"]
 
@@ -101,9 +101,11 @@ def read_settings(path: Path) -> dict | None:
 
 def save_state(path: Path, state: dict) -> None:
     """The resumable state (what is trained, optimizer, step, RNG states, data order):
-    torch.save, atomic."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    torch.save, atomic. Serialised in memory first: torch's file writer reports a full disk as a
+    RuntimeError, an ordinary write as the OSError it is."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # key -> what it must be, for load_state's checks

@@ -288,7 +288,9 @@ def plan(cfg: TrainConfig, warn=None) -> Plan:
         if clash and not cfg.overwrite:
             raise ConfigError(f"{clash[0]} exists: pass --resume to continue it or --overwrite to replace it")
     lr = parse_schedule(cfg.lr, cfg.steps)
-    if start_step >= lr.end_step:
+    # --resume at the last step trains nothing but still saves: it puts back the outputs of a run
+    # killed inside its final save
+    if start_step > lr.end_step or (start_step == lr.end_step and not cfg.resume):
         raise ConfigError(f"nothing to do: the {cfg.kind} already has {start_step} steps and training ends "
                           f"at {lr.end_step} (raise --steps)")
     seed = int(state["seed"]) if state else (cfg.seed if cfg.seed is not None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import RunCrashed
+from ..errors import MAX_LEN, RunCrashed, one_line
 from ..fsutil import atomic_write_text
 from .batches import build_training_data
 from .checkpointer import Checkpointer
@@ -189,7 +189,10 @@ class Run:
         plan, tm = self.plan, self.tm
         wall = time.perf_counter() - (self.t0 or time.perf_counter())
         peak = torch.cuda.max_memory_allocated(tm.device) / 2**30 if tm.device.type == "cuda" else None
-        self.record.update(wall_time_s=round(wall, 3), status=self.status, steps_done=self.n)
+        try:
+            self.record.update(wall_time_s=round(wall, 3), status=self.status, steps_done=self.n)
+        except OSError as e:                  # a record, not the run's state: say so, lose nothing else
+            self.say(f"ti-fast: {self.record.path} not updated ({e.strerror or e})")
         losses = [l for _, l in self.ckpt.loss_log.losses()]
         fields = {"embedding": None, "embedding_safetensors": None, **self.trainable.result_fields(plan.out_dir)}
         res = TrainResult(name=plan.name, **fields, kind=self.trainable.kind,
@@ -236,8 +239,10 @@ def crashed(e: BaseException, plan, step: int) -> RunCrashed:
     except OSError:
         path = None
     where = f"; full traceback in {path}" if path else ""
-    return RunCrashed(f"internal error at step {step}: {type(e).__name__}: {e} (the run was saved at step "
-                      f"{step}{where}; please report it)", traceback_path=path)
+    head, tail = f"internal error at step {step}: ", f" (the run was saved at step {step}{where}; please report it)"
+    # the error's own text is cut to fit the line, never the path after it
+    what = one_line(f"{type(e).__name__}: {e}", max(80, MAX_LEN - len(head) - len(tail)))
+    return RunCrashed(head + what + tail, traceback_path=path)
 
 
 def _versions():
