@@ -132,7 +132,8 @@ async def receive(request, dest: Path, limits: Limits) -> Received:
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
         "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished}, max_size=limits.max_upload)
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished})   # (its max_size truncates
+                                                                                          # silently: counted above)
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -182,7 +183,7 @@ def check_zip(path: Path, client: str, limits: Limits) -> tuple[list[tuple[zipfi
             raise HTTPRefusal(f"zip entry {info.filename!r}: a symbolic link; refused")
         if info.is_dir() or not parts:
             continue
-        if mode and not stat.S_ISREG(mode):
+        if stat.S_IFMT(mode) and not stat.S_ISREG(mode):      # (no type bits: a plain file, as zip tools write)
             raise HTTPRefusal(f"zip entry {info.filename!r}: not a regular file; refused")
         if info.flag_bits & 0x1:
             raise HTTPRefusal(f"zip entry {info.filename!r}: encrypted; send an unencrypted zip")
