@@ -48,7 +48,7 @@ import torch
 
 from ti_fast.models import UNet, UNetConfig, CLIPTextEncoder, CLIPConfig, VAEConfig, set_attention_backend
 from ti_fast.models import ops
-from ti_fast.training.step import MicroBatch, build_step
+from ti_fast.training.step import MicroBatch, build_step, new_member
 from ti_fast.training.trainable import EmbeddingTrainable
 from ti_fast.training.lowvram import checkpoint_blocks
 from ti_fast.training.offload import Offloader
@@ -166,10 +166,11 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
         gen = torch.Generator(device=plan.device).manual_seed(0)
         want_graph = graph if graph is not None else mode == "cuda-graph"
         # the trainer's own step builder: AdamW, the eager step, its CUDA-graph replay
-        built = build_step(u, models.te, trainable, lr=LR, generator=gen, cuda_graph=want_graph, say=plan.say)
+        m = new_member(trainable, lr=LR, generator=gen)
+        built = build_step(u, models.te, [m], cuda_graph=want_graph, say=plan.say)
         if want_graph and not built.graphed:
             raise RuntimeError("the step could not be captured in a CUDA graph")
-        step, opt = built.fn, built.optimizer
+        step, opt = built.fn, m.optimizer
         mb = [micro_batch(plan, models.te, b)]
     except BaseException:
         restore()
@@ -179,7 +180,7 @@ def ti_step(models: TiFastModels, plan: Plan, b: int, mode: str, channels_last: 
     def run():
         for g in opt.param_groups:
             g["lr"] = LR
-        last["out"] = step(mb)
+        last["out"] = step([mb])
         last["steps"] += 1
 
     if sdpa is None:

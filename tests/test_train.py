@@ -117,7 +117,7 @@ def test_nan_restores_last_good(tiny_single, tmp_path):
 
 def test_oom_saves_and_names_knobs(tiny_single, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = loop.TrainStep.__call__
+    real = loop.GroupStep.__call__
 
     def boom(self, mbs):
         calls["n"] += 1
@@ -125,7 +125,7 @@ def test_oom_saves_and_names_knobs(tiny_single, tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, mbs)
 
-    monkeypatch.setattr(loop.TrainStep, "__call__", boom)
+    monkeypatch.setattr(loop.GroupStep, "__call__", boom)
     with pytest.raises(OutOfMemoryError, match="batch-size.*gradient-checkpointing"):
         train(quick_config(tiny_single, tmp_path, steps=10))
     d = torch.load(tmp_path / "out" / "tok.pt", weights_only=True)

@@ -101,25 +101,26 @@ def alpha_weights(items, down: int, flip: bool, device) -> list[torch.Tensor]:
     return out
 
 
-def build_training_data(plan, tm, trainable, say=print) -> TrainingData:
+def build_training_data(plan, tm, trainable, say=print, memo: dict | None = None) -> TrainingData:
     """Images -> fitted pixels -> cached latents (the VAE's Triton kernels and the UNet step's
-    compile on worker threads meanwhile) -> TrainingData. On CUDA the VAE leaves the GPU after."""
+    compile on worker threads meanwhile) -> TrainingData. On CUDA the VAE leaves the GPU after
+    (and comes back for a run added to a group later). memo: the group's latent cache."""
     cfg, model, device = plan.cfg, tm.model, tm.device
     ds = prepare_dataset(cfg.data, recursive=cfg.recursive, width=cfg.width, height=cfg.height,
                          resize=cfg.resize, buckets=cfg.buckets, flip=False, alpha_weight=cfg.alpha_weight,
                          warn=say, paths=plan.images)
     items, vae, unet = ds.items, model.vae, model.unet
+    vae.to(device)                              # back from the CPU for a run joining a group
     warm = prewarm.start(unet, vae, device=device, batch=cfg.batch_size, image_hw=(cfg.height, cfg.width),
                          dtype=tm.dtype, channels_last=tm.ran["channels_last"], say=say)
     try:
         say(f"ti-fast: {len(items)} images; caching latents ({cfg.latents}{', flipped too' if cfg.flip else ''})")
         if warm is not None:
             warm.wait("vae")                # the encoder's kernels: compiled in parallel, not one by one
-        enc_gen = torch.Generator(device=device).manual_seed(plan.seed + 1)
-        latents = encode_dataset(vae, items, device=device, mode=cfg.latents, generator=enc_gen,
+        latents = encode_dataset(vae, items, device=device, mode=cfg.latents,
                                  store_dtype=tm.dtype if device.type == "cuda" else torch.float32,
                                  cache_dir=cfg.cache_dir, vae_hash=model.info.hash, resize=cfg.resize,
-                                 flip=cfg.flip, seed=plan.seed)
+                                 flip=cfg.flip, seed=plan.seed, memo=memo)
         weights = alpha_weights(items, vae.downscale, cfg.flip, device) if cfg.alpha_weight else None
         concat = {}
         if unet.config.in_channels == 9:     # inpainting UNet: a mask of ones over a grey image

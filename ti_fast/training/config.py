@@ -99,6 +99,11 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Settings of the process, not of a run: runs trained together in one group (one model, one
+# step) share them; a [[run]] table may not set them.
+PROCESS_KEYS = ("model", "vae", "tokenizer", "device", "precision", "attention", "cuda_graph", "low_vram",
+                "offload", "kernels", "channels_last", "compile", "threads", "gradient_checkpointing",
+                "clip_skip", "check_every", "quiet")
 # Schedules are text in A1111's syntax; a TOML number is the one-entry schedule.
 _TEXT_OR_NUMBER = ("lr", "clip_grad")
 MAX_TOML_BYTES = 1 << 20

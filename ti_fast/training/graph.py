@@ -4,10 +4,11 @@ Why: at batch 1 the SD1.5 step is launch-bound — about two thousand kernels fo
 backward, each a few microseconds of host work, against 2.2 ms of arithmetic (performance.md:
 70 ms eager, 21 ms as one graph). A replay launches all of them with one call.
 
-What is captured: `TrainStep.__call__` itself, the whole gradient-accumulation group — every
-micro-batch's noise/t draw, forward and backward, the finiteness flag, gradient clipping and the
-AdamW update — as ONE graph per bucket key (the shapes, dtypes and present fields of the group's
-micro-batches). One replay per optimizer step is the fewest launches possible, and reusing the
+What is captured: the step's `__call__` itself (step.py: one run's TrainStep, or a GroupStep of
+co-batched runs), the whole gradient-accumulation group — every micro-batch's noise/t draw,
+forward and backward, the finiteness flags, gradient clipping and the AdamW updates — as ONE
+graph per bucket key (the shapes, dtypes and present fields of every member's micro-batches; a
+group whose membership changes is a new GroupStep, captured afresh). One replay per optimizer step is the fewest launches possible, and reusing the
 real step means the graph computes what the eager trainer computes by construction. The cost is
 one graph per distinct group shape; aspect buckets x grad_accum can multiply them, so at most
 `max_graphs` are captured (all share one memory pool) and any further shape runs eagerly.
@@ -15,11 +16,11 @@ one graph per distinct group shape; aspect buckets x grad_accum can multiply the
 Graph rules this module keeps (torch.cuda "CUDA Graphs" notes):
 - static inputs: each captured group reads its own device buffers; a call copies the new
   micro-batches into them (copy_) before the replay.
-- RNG: ε and t come from the step's own CUDA generator, registered with the graph
+- RNG: ε and t come from each run's own CUDA generator, each registered with the graph
   (CUDAGraph.register_generator_state, torch >= 2.5). A replay advances that generator by the
   same philox offsets as the eager step, so a graphed and an eager step from the same state draw
   the same numbers, and the generator's get_state/set_state (resume) stay meaningful.
-- gradient: TrainStep sets each parameter's grad = None at its start; inside the capture that is a Python
+- gradient: the step sets each parameter's grad = None at its start; inside the capture that is a Python
   act, so the first backward writes the gradient into a graph-pool buffer at a fixed address
   (the torch docs' whole-network pattern) and later micro-batches accumulate into it in place.
 - optimizer: torch AdamW/Adam with capturable=True (step counter on the device) and the learning
@@ -40,7 +41,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .step import MicroBatch, TrainStep
+from .step import GroupStep, MicroBatch
 
 FIELDS = tuple(f.name for f in fields(MicroBatch))   # latents, input_ids, vector_index, latent_std, weight, c_concat, token_weight
 CAPTURABLE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam)
@@ -50,26 +51,28 @@ class GraphUnavailable(RuntimeError):
     """The step cannot be captured; the message says why."""
 
 
-def ineligible_reason(step: TrainStep) -> str | None:
-    """None when `step` can be captured, else a short reason (for one printed line)."""
+def ineligible_reason(step: GroupStep) -> str | None:
+    """None when `step` (a GroupStep or a one-run TrainStep) can be captured, else a short reason
+    (for one printed line)."""
     if not torch.cuda.is_available():
         return "CUDA graphs need a CUDA device and this torch sees none"
     if step.device.type != "cuda":
         return f"the step runs on {step.device}, CUDA graphs need a CUDA device"
-    if getattr(step.gen, "device", torch.device("cpu")).type != "cuda":
+    if any(getattr(g, "device", torch.device("cpu")).type != "cuda" for g in step.generators):
         return "the step's generator is not a CUDA generator"
-    if step.scaler is not None:
+    if step.scalers:
         return "fp16 loss scaling decides each step on the host; use --precision bf16 to graph the step"
-    if type(step.optimizer) not in CAPTURABLE_OPTIMIZERS:
-        return f"optimizer {type(step.optimizer).__name__} is not capturable (only torch AdamW/Adam)"
-    if any(g.get("differentiable") for g in step.optimizer.param_groups):
-        return "a differentiable optimizer cannot be captured"
+    for opt in step.optimizers:
+        if type(opt) not in CAPTURABLE_OPTIMIZERS:
+            return f"optimizer {type(opt).__name__} is not capturable (only torch AdamW/Adam)"
+        if any(g.get("differentiable") for g in opt.param_groups):
+            return "a differentiable optimizer cannot be captured"
     if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
         return f"torch {torch.__version__} cannot register a generator with a graph (needs torch >= 2.5)"
     return None
 
 
-def maybe_graphed(step: TrainStep, say=print, **kwargs):
+def maybe_graphed(step: GroupStep, say=print, **kwargs):
     """GraphedStep(step) when the step can be captured; otherwise the step itself and one line."""
     reason = ineligible_reason(step)
     if reason is not None:
@@ -80,32 +83,49 @@ def maybe_graphed(step: TrainStep, say=print, **kwargs):
 
 # ------------------------------------------------------------------ static input buffers
 
-def batch_key(micro_batches: list[MicroBatch]) -> tuple:
+def batch_key(micro_batches) -> tuple:
     """What a captured graph is specialised to: per micro-batch and field, (shape, dtype, device)
-    or None for an absent field. Equal keys can share a graph."""
-    return tuple(tuple(None if (t := getattr(mb, f)) is None else (tuple(t.shape), t.dtype, t.device)
-                       for f in FIELDS) for mb in micro_batches)
+    or None for an absent field — for a list of micro-batches (one run) or a list of such lists
+    (a group's members). Equal keys can share a graph."""
+    if isinstance(micro_batches, MicroBatch):
+        return tuple(None if (t := getattr(micro_batches, f)) is None else (tuple(t.shape), t.dtype, t.device)
+                     for f in FIELDS)
+    return tuple(batch_key(x) for x in micro_batches)
+
+
+def _buffers(template):
+    """Empty device buffers shaped like `template` (a MicroBatch or nested lists of them)."""
+    if isinstance(template, MicroBatch):
+        return MicroBatch(**{f: None if (t := getattr(template, f)) is None
+                             else torch.empty(t.shape, dtype=t.dtype, device=t.device) for f in FIELDS})
+    return [_buffers(x) for x in template]
+
+
+def _copy(dst, src) -> None:
+    if isinstance(src, MicroBatch):
+        for f in FIELDS:
+            t = getattr(src, f)
+            if t is not None:
+                getattr(dst, f).copy_(t, non_blocking=True)
+        return
+    for d, s in zip(dst, src):
+        _copy(d, s)
 
 
 class StaticBatches:
-    """Device buffers at fixed addresses for one group of micro-batches: the graph reads these,
-    `copy_from` writes a new group into them. Buffers are contiguous even when the source is an
-    expanded view (the trainer's inpainting c_concat is [1,5,h,w] expanded to [B,5,h,w])."""
+    """Device buffers at fixed addresses for one step's micro-batches (a run's list, or a group's
+    list of lists): the graph reads these, `copy_from` writes new micro-batches into them.
+    Buffers are contiguous even when the source is an expanded view (the trainer's inpainting
+    c_concat is [1,5,h,w] expanded to [B,5,h,w])."""
 
-    def __init__(self, template: list[MicroBatch]):
+    def __init__(self, template):
         self.key = batch_key(template)
-        self.mbs = [MicroBatch(**{f: None if (t := getattr(mb, f)) is None
-                                  else torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                                  for f in FIELDS}) for mb in template]
+        self.mbs = _buffers(template)
 
-    def copy_from(self, micro_batches: list[MicroBatch]) -> None:
+    def copy_from(self, micro_batches) -> None:
         if batch_key(micro_batches) != self.key:
             raise ValueError("micro-batches do not match this graph's shapes/dtypes/fields")
-        for dst, src in zip(self.mbs, micro_batches):
-            for f in FIELDS:
-                t = getattr(src, f)
-                if t is not None:
-                    getattr(dst, f).copy_(t, non_blocking=True)
+        _copy(self.mbs, micro_batches)
 
 
 # ------------------------------------------------------------------ optimizer/parameters/RNG snapshot
@@ -116,35 +136,37 @@ class Snapshot:
     state."""
     params: list                     # clones of the parameters, in order
     state: dict                      # param -> {name: tensor clone} for state that existed before
-    gen_state: torch.Tensor | None
+    gen_state: list                  # each generator's state, in order
 
 
-def _as_list(params) -> list:
-    return [params] if isinstance(params, torch.Tensor) else list(params)
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def take_snapshot(params, optimizer, generator=None) -> Snapshot:
-    """params: one tensor (an embedding's vectors) or a list of the trained parameters."""
+def take_snapshot(params, optimizers, generators=None) -> Snapshot:
+    """params: one tensor (an embedding's vectors) or a list of the trained parameters;
+    optimizers, generators: one or a list (a group's members)."""
     state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
-             for p, st in optimizer.state.items()}
-    return Snapshot([p.detach().clone() for p in _as_list(params)], state,
-                    generator.get_state() if generator is not None else None)
+             for opt in _as_list(optimizers) for p, st in opt.state.items()}
+    gens = [] if generators is None else _as_list(generators)
+    return Snapshot([p.detach().clone() for p in _as_list(params)], state, [g.get_state() for g in gens])
 
 
-def restore_snapshot(snap: Snapshot, params, optimizer, generator=None) -> None:
+def restore_snapshot(snap: Snapshot, params, optimizers, generators=None) -> None:
     """Put the snapshot back IN PLACE (a captured graph holds these tensors' addresses). State
     that the warm-up created (AdamW's first step: step, exp_avg, exp_avg_sq) is zeroed, which is
     exactly a fresh AdamW state."""
     with torch.no_grad():
         for p, saved in zip(_as_list(params), snap.params):
             p.copy_(saved)
-        for p, st in optimizer.state.items():
-            before = snap.state.get(p, {})
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    v.copy_(before[k]) if k in before else v.zero_()
-    if generator is not None and snap.gen_state is not None:
-        generator.set_state(snap.gen_state)
+        for opt in _as_list(optimizers):
+            for p, st in opt.state.items():
+                before = snap.state.get(p, {})
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        v.copy_(before[k]) if k in before else v.zero_()
+    for g, state in zip([] if generators is None else _as_list(generators), snap.gen_state):
+        g.set_state(state)
 
 
 def state_steps_to(optimizer, device) -> None:
@@ -157,12 +179,12 @@ def state_steps_to(optimizer, device) -> None:
 
 
 class LrTensors:
-    """One 0-d device tensor per param group: what the captured AdamW reads as its lr. The
-    trainer keeps writing floats into param_groups[i]['lr']; `sync` copies a changed value over
-    (one tiny fill kernel, no host sync)."""
+    """One 0-d device tensor per param group (of one optimizer, or of every member's): what the
+    captured AdamW reads as its lr. The trainer keeps writing floats into param_groups[i]['lr'];
+    `sync` copies a changed value over (one tiny fill kernel, no host sync)."""
 
-    def __init__(self, optimizer, device):
-        self.groups = optimizer.param_groups
+    def __init__(self, optimizers, device):
+        self.groups = [g for opt in _as_list(optimizers) for g in opt.param_groups]
         self.tensors = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in self.groups]
         self.host = [float(g["lr"]) for g in self.groups]
 
@@ -193,31 +215,32 @@ class LrTensors:
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
     static: StaticBatches
-    loss: torch.Tensor               # [] fp32, written by every replay
-    finite: torch.Tensor             # [] bool
+    loss: torch.Tensor               # [] fp32 ([K] for a group), written by every replay
+    finite: torch.Tensor             # [] bool ([K])
 
 
 class GraphedStep:
-    """Same contract as TrainStep.__call__: micro_batches -> (mean loss, finite) device tensors.
-    The caller sets the learning rate in optimizer.param_groups as for the eager step.
+    """Same contract as the step it wraps (TrainStep or GroupStep): micro-batches -> (mean loss,
+    finite) device tensors. The caller sets the learning rates in the optimizers' param_groups as
+    for the eager step.
 
-    step:        the TrainStep to capture (bf16/fp32 models, torch AdamW/Adam, CUDA generator)
+    step:        the step to capture (bf16/fp32 models, torch AdamW/Adam, CUDA generators)
     warmup:      eager runs on a side stream before the first capture of each key
     max_graphs:  captured keys at most; further keys run eagerly (one printed line)
     """
 
-    def __init__(self, step: TrainStep, *, warmup: int = 3, max_graphs: int = 8, say=print):
+    def __init__(self, step: GroupStep, *, warmup: int = 3, max_graphs: int = 8, say=print):
         reason = ineligible_reason(step)
         if reason is not None:
             raise GraphUnavailable(f"cannot capture the training step in a CUDA graph: {reason}")
         self.step, self.warmup, self.max_graphs, self.say = step, warmup, max_graphs, say
         self.device = step.device
-        self.lr = LrTensors(step.optimizer, self.device)
+        self.lr = LrTensors(step.optimizers, self.device)
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()   # shared: replays never overlap
         self._warned = False
 
-    def __call__(self, micro_batches: list[MicroBatch]):
+    def __call__(self, micro_batches):
         key = batch_key(micro_batches)
         cap = self.graphs.get(key)
         if cap is None:
@@ -243,11 +266,12 @@ class GraphedStep:
             self.lr.swap_out(old)
 
     def _capture(self, micro_batches, key) -> _Captured:
-        step, opt = self.step, self.step.optimizer
+        step, opts = self.step, self.step.optimizers
         static = StaticBatches(micro_batches)
         static.copy_from(micro_batches)
-        state_steps_to(opt, self.device)
-        snap = take_snapshot(step.params, opt, step.gen)
+        for opt in opts:
+            state_steps_to(opt, self.device)
+        snap = take_snapshot(step.params, opts, step.generators)
         old = self.lr.swap_in()
         try:
             side = torch.cuda.Stream(self.device)
@@ -259,7 +283,8 @@ class GraphedStep:
                     step(static.mbs)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(step.gen)
+            for gen in step.generators:
+                graph.register_generator_state(gen)
             # thread_local: a helper thread (progress bar, prefetch) cannot break the capture
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 loss, finite = step(static.mbs)
@@ -267,7 +292,7 @@ class GraphedStep:
             self.lr.swap_out(old)
             # capture recorded kernels without running them: undo what the warm-up trained
             # (also when the capture failed, so that an eager retry starts from the same state)
-            restore_snapshot(snap, step.params, opt, step.gen)
+            restore_snapshot(snap, step.params, opts, step.generators)
         cap = _Captured(graph, static, loss, finite)
         self.graphs[key] = cap
         return cap

@@ -29,88 +29,103 @@ class CachedLatent:
 
 
 def cache_key(image_path: Path, vae_hash: str, size, resize: str, flip: bool, mode: str, seed: int) -> str:
-    # "once" samples the posterior: the seed decides the sample, so it is part of the key.
-    meta = json.dumps([sha256_file(image_path), vae_hash, list(size), resize, bool(flip), mode,
+    # "once" samples the posterior: the seed decides the sample, so it is part of the key. "v2":
+    # the sample is drawn per image (below), not from one stream over the dataset.
+    meta = json.dumps(["v2", sha256_file(image_path), vae_hash, list(size), resize, bool(flip), mode,
                        seed if mode == "once" else None])
     return hashlib.sha256(meta.encode()).hexdigest()[:32]
 
 
+def _sample_generator(key: str, device) -> torch.Generator:
+    """The generator of one image's posterior sample (--latents once): seeded from its cache key
+    (image content, size, settings, run seed), so the sample depends on nothing else — not on
+    which other images the run has, nor on their order — and runs sharing the image (co-batched
+    runs, ti_fast.training.group) share one encoding exactly."""
+    return torch.Generator(device=device).manual_seed(int(key[:15], 16))
+
+
 @torch.no_grad()
-def _encode(vae, images: torch.Tensor, generator, mode: str):
-    """images [n, 3, H, W] in [-1, 1] -> (mean or sample, std or None), unscaled, fp32."""
+def _encode(vae, images: torch.Tensor, gens, mode: str, per: int):
+    """images [n, 3, H, W] in [-1, 1] -> (mean or sample, std or None), unscaled, fp32.
+    gens: one generator per item (each item has `per` consecutive images) for --latents once."""
     post = vae.encode(images)
     mean, std = post.mean.float(), post.std.float()
     if mode == "once":
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        shape = (per, *mean.shape[1:])
+        eps = torch.cat([torch.randn(shape, generator=g, device=mean.device, dtype=torch.float32) for g in gens])
         return mean + std * eps, None
     return mean, (std if mode == "random" else None)
 
 
-def encode_dataset(vae, items, *, device, mode: str, generator: torch.Generator, store_dtype,
-                   batch: int = 4, cache_dir=None, vae_hash: str = "", resize: str = "crop",
-                   flip: bool = False, seed: int = 0, progress=None) -> list[CachedLatent]:
+def encode_dataset(vae, items, *, device, mode: str, store_dtype, batch: int = 4, cache_dir=None,
+                   vae_hash: str = "", resize: str = "crop", flip: bool = False, seed: int = 0,
+                   memo: dict | None = None, progress=None) -> list[CachedLatent]:
     """Encode every item (its image and, with flip, the mirrored copy). The VAE runs in its own
-    dtype (half on GPU); a non-finite result is encoded again in fp32."""
+    dtype (half on GPU); a non-finite result is encoded again in fp32. `memo`: a dict shared by
+    runs over one model (cache key -> CachedLatent), so an image encoded for one run is reused by
+    the others; `cache_dir`: the same on disk, across processes."""
     out: list[CachedLatent | None] = [None] * len(items)
-    todo = []
     cdir = Path(cache_dir) if cache_dir else None
-    keys = [None] * len(items)
-    for i, it in enumerate(items):
-        if cdir is not None:
-            keys[i] = cache_key(Path(it.path), vae_hash, it.size, resize, flip, mode, seed)
-            f = cdir / f"{keys[i]}.safetensors"
-            if f.exists():
-                try:
-                    d = load_file(str(f))
-                    out[i] = CachedLatent(d["mean"].to(device, store_dtype),
-                                          d["std"].to(device, store_dtype) if "std" in d else None)
-                    continue
-                except Exception:
-                    pass  # unreadable cache entry: encode again
-        todo.append(i)
-
-    # group by size so each VAE call is one batch of equal shapes
-    by_size: dict[tuple, list[int]] = {}
+    keys = [cache_key(Path(it.path), vae_hash, it.size, resize, flip, mode, seed) for it in items]
+    todo = []
+    for i, key in enumerate(keys):
+        out[i] = memo.get(key) if memo is not None else None
+        if out[i] is None and cdir is not None and (cdir / f"{key}.safetensors").is_file():
+            try:
+                d = load_file(str(cdir / f"{key}.safetensors"))
+                out[i] = CachedLatent(d["mean"].to(device, store_dtype),
+                                      d["std"].to(device, store_dtype) if "std" in d else None)
+            except Exception:
+                pass  # unreadable cache entry: encode again
+        if out[i] is None:
+            todo.append(i)
+    per = 2 if flip else 1
+    by_size: dict[tuple, list[int]] = {}          # one VAE call per batch of equal shapes
     for i in todo:
         by_size.setdefault(tuple(items[i].size), []).append(i)
-    for size, idxs in by_size.items():
-        imgs = []
-        for i in idxs:
-            imgs.append(items[i].image)
-            if flip:
-                imgs.append(items[i].image.flip(-1))
-        per = 2 if flip else 1
-        means, stds = [], []
-        for s in range(0, len(imgs), batch):
-            x = torch.stack(imgs[s:s + batch]).to(device)
-            m, sd = _encode(vae, x, generator, mode)
-            bad = ~torch.isfinite(m).flatten(1).all(1)
-            if sd is not None:
-                bad |= ~torch.isfinite(sd).flatten(1).all(1)
-            if bad.any():                            # half-precision VAE overflow: redo in fp32
-                half = vae.dtype
-                m2, sd2 = _encode(vae.float(), x[bad].float(), generator, mode)
-                vae.to(half)
-                m[bad] = m2
-                if sd is not None:
-                    sd[bad] = sd2
-            means.append(m)
-            stds.append(sd)
+    for idxs in by_size.values():
+        for s in range(0, len(idxs), max(1, batch // per)):
+            chunk = idxs[s:s + max(1, batch // per)]
+            imgs = [v for i in chunk for v in ([items[i].image] + ([items[i].image.flip(-1)] if flip else []))]
+            m, sd = _encode_checked(vae, torch.stack(imgs).to(device), [_sample_generator(keys[i], device) for i in chunk],
+                                    mode, per)
+            for j, i in enumerate(chunk):
+                lat = CachedLatent((m[j * per:(j + 1) * per] * LATENT_SCALE).to(store_dtype),
+                                   (sd[j * per:(j + 1) * per] * LATENT_SCALE).to(store_dtype) if sd is not None else None)
+                out[i] = lat
+                if cdir is not None:
+                    _store(cdir / f"{keys[i]}.safetensors", lat)
             if progress:
-                progress(len(x))
-        mean = torch.cat(means) * LATENT_SCALE
-        std = torch.cat(stds) * LATENT_SCALE if stds[0] is not None else None
-        for j, i in enumerate(idxs):
-            m = mean[j * per:(j + 1) * per].to(store_dtype)
-            sd = std[j * per:(j + 1) * per].to(store_dtype) if std is not None else None
-            out[i] = CachedLatent(m, sd)
-            if cdir is not None:
-                d = {"mean": m.float().cpu().contiguous()}
-                if sd is not None:
-                    d["std"] = sd.float().cpu().contiguous()
-                with atomic_path(cdir / f"{keys[i]}.safetensors") as tmp:
-                    save_file(d, str(tmp))
+                progress(len(imgs))
+    if memo is not None:
+        memo.update(zip(keys, out))
     return out
+
+
+def _encode_checked(vae, x, gens, mode, per):
+    """_encode, redoing in fp32 the images whose half-precision result is not finite (the same
+    generators, so the sample is the one the half pass would have drawn)."""
+    states = [g.get_state() for g in gens]
+    m, sd = _encode(vae, x, gens, mode, per)
+    bad = ~torch.isfinite(m).flatten(1).all(1)
+    if sd is not None:
+        bad |= ~torch.isfinite(sd).flatten(1).all(1)
+    if bad.any():                                   # half-precision VAE overflow: redo in fp32
+        half = vae.dtype
+        for g, st in zip(gens, states):
+            g.set_state(st)
+        m2, sd2 = _encode(vae.float(), x.float(), gens, mode, per)
+        vae.to(half)
+        m, sd = torch.where(bad.view(-1, 1, 1, 1), m2, m), (None if sd is None else torch.where(bad.view(-1, 1, 1, 1), sd2, sd))
+    return m, sd
+
+
+def _store(path: Path, lat: CachedLatent) -> None:
+    d = {"mean": lat.mean.float().cpu().contiguous()}
+    if lat.std is not None:
+        d["std"] = lat.std.float().cpu().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(d, str(tmp))
 
 
 # ----------------------------------------------------------------------------- --latents random

@@ -78,6 +78,10 @@ class EmbeddingTrainable:
     def preview_vectors(self) -> torch.Tensor:
         return self.vectors.detach().clone()
 
+    def before_micro_batch(self) -> None:
+        """Called by the step before each micro-batch's forward (a hypernetwork advances its
+        dropout there); nothing for an embedding."""
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"vectors": self.vectors.detach().clone()}
@@ -118,3 +122,32 @@ class EmbeddingTrainable:
         """LOG/embeddings/NAME-STEP.pt (its name inside is NAME-STEP too)."""
         name = self.periodic_name(step)
         return save_pt(self.embedding(d, step, name), Path(log_dir) / "embeddings" / f"{name}.pt")
+
+
+class EmbeddingGroup:
+    """Several runs' embeddings as ONE conditioning (co-batched runs, GroupStep): their vectors
+    concatenated [sum N_k, D]; a sub-batch's vector_index is shifted by `offsets[k]` for run k's
+    rows (cobatch.py), so one text-encoder call places every run's vectors and each run's
+    gradient lands in its own tensor."""
+
+    kind = "embedding"
+
+    def __init__(self, members: list[EmbeddingTrainable]):
+        kinds = {getattr(m, "kind", None) for m in members}
+        if kinds != {"embedding"}:
+            raise ConfigError(f"runs of kinds {sorted(map(str, kinds))} cannot share a step: only embeddings co-batch")
+        self.members = members
+        self.offsets, n = [], 0
+        for m in members:
+            self.offsets.append(n)
+            n += int(m.vectors.shape[0])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [m.vectors for m in self.members]
+
+    def context(self, text_encoder, mb, clip_skip: int = 1) -> torch.Tensor:
+        vectors = torch.cat([m.vectors for m in self.members])              # [sum N_k, D]
+        ctx = text_encoder(mb.input_ids, clip_skip=clip_skip, vectors=vectors, vector_index=mb.vector_index)
+        if mb.token_weight is not None:
+            ctx = emphasize(ctx, mb.token_weight)
+        return ctx
