@@ -1,6 +1,7 @@
-"""Running `ti-fast serve` in tests: a live server in a thread (real uvicorn, a free loopback port,
-the tiny model on the CPU) or in a child process, and bounded helpers to wait for jobs and read
-their event streams."""
+"""Running `ti-fast serve` in tests: a live server in a thread or a child process, bounded waits.
+
+Real uvicorn on a free loopback port, the tiny model on the CPU; helpers to wait for jobs and
+read their event streams."""
 from __future__ import annotations
 
 import importlib.util
@@ -29,16 +30,6 @@ def require_serve() -> None:
         pytest.skip(msg)
 
 
-def group_factory():
-    """The real co-batching group when ti_fast has it, else the stand-in of serve_fake.py."""
-    try:
-        from ti_fast.training.group import TrainGroup
-        return TrainGroup
-    except ImportError:
-        from serve_fake import FakeGroup
-        return FakeGroup
-
-
 class LiveServer:
     """ServerState + uvicorn in a thread on 127.0.0.1:<free port>."""
 
@@ -49,7 +40,7 @@ class LiveServer:
         process = {"model": str(model), "device": "cpu"}
         self.settings = ServeSettings(model=str(model), home=str(home), token=token, port=0, process=process, **settings)
         self.lines: list[str] = []
-        self.state = ServerState(self.settings, group_factory=group_factory(), say=self.lines.append)
+        self.state = ServerState(self.settings, say=self.lines.append)      # the real TrainGroup
         self.state.start(timeout=120)
         sock = bind("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
@@ -148,12 +139,12 @@ def read_events(client, job_id: str, timeout: float = 120) -> list[tuple[str, di
 # ---------------------------------------------------------------------------- a child process
 
 class ChildServer:
-    """`ti-fast serve` in a child process (tests/serve_child.py: the CLI's serve() with the group
-    factory above); the port is read from its 'listening on' line."""
+    """`ti-fast serve` in a child process (the command line itself); the port is read from its
+    'listening on' line."""
 
     def __init__(self, home: Path, model: Path, *extra: str, timeout: float = 120):
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "serve_child.py"), "--model", str(model),
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ti_fast.cli", "serve", "--model", str(model),
                                       "--home", str(home), "--port", "0", "--device", "cpu", *extra],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []

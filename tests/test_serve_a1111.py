@@ -1,6 +1,7 @@
-"""The /sdapi/v1 routes driven as A1111's API clients drive them: request bodies built from A1111
-v1.10.1's field names (modules/api/models.py, the create/train functions' parameters), responses
-checked for A1111's shapes — including /train/embedding end to end on the tiny model."""
+"""The /sdapi/v1 routes driven as A1111's API clients drive them, /train/embedding end to end.
+
+Request bodies built from A1111 v1.10.1's field names (modules/api/models.py, the create/train
+functions' parameters), responses checked for A1111's shapes."""
 from __future__ import annotations
 
 import base64

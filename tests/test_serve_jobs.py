@@ -1,6 +1,7 @@
-"""`ti-fast serve` trains: upload -> job -> SSE progress -> download, bitwise equal to the same run
-through ti_fast.train(); two concurrent jobs share one group and each ends as it does alone;
-cancel and resume; txt2img between steps. A real uvicorn on a free loopback port, the tiny model."""
+"""`ti-fast serve` trains: upload -> job -> SSE progress -> download, bitwise equal to ti_fast.train().
+
+Two concurrent jobs share one group and each ends as it does alone; cancel and resume; txt2img
+between steps. A real uvicorn on a free loopback port, the tiny model."""
 from __future__ import annotations
 
 import io

@@ -1,7 +1,9 @@
-"""Nothing lost across restarts: a server killed with SIGKILL leaves an intact database and
-files, and the next start resumes the job from its last save and finishes it; SIGTERM saves every
-running job, ends the open event streams and exits within 30 s. The server runs as a child process
-(the CLI's serve()); bad start settings exit 2 with one line."""
+"""Nothing lost across restarts: SIGKILL then restart resumes the job; SIGTERM saves and exits in 30 s.
+
+A server killed with SIGKILL leaves an intact database and files, and the next start resumes the
+job from its last save and finishes it; SIGTERM saves every running job, ends the open event
+streams and exits within 30 s. The server runs as a child process (`ti-fast serve` itself); bad
+start settings exit 2 with one line."""
 from __future__ import annotations
 
 import csv

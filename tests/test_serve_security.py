@@ -1,8 +1,9 @@
-"""`ti-fast serve`'s gate: the token on every route (Bearer, Basic, login cookie; never in a URL),
-the loopback Host rule without a token (DNS rebinding), cross-site Origins, no CORS, size and count
-limits (413), uploads that are not images (400 naming the file), and traversal by every road
-(`../`, absolute paths, symlinks, `%2e%2e`, zip entries) refused with nothing written outside the
-home folder."""
+"""`ti-fast serve`'s gate: token, loopback Host, Origin, no CORS, limits, non-images, traversal.
+
+The token on every route (Bearer, Basic, login cookie; never in a URL), the loopback Host rule
+without a token (DNS rebinding), cross-site Origins, no CORS, size and count limits (413),
+uploads that are not images (400 naming the file), and traversal by every road (`../`, absolute
+paths, symlinks, `%2e%2e`, zip entries) refused with nothing written outside the home folder."""
 from __future__ import annotations
 
 import http.client

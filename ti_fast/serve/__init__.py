@@ -1,5 +1,7 @@
-"""`ti-fast serve`: one loaded model, many clients — training jobs co-batched in one group, a job
-queue in SQLite that survives restarts, txt2img between steps, A1111-compatible routes.
+"""`ti-fast serve`: one loaded model for many clients, a job queue that survives restarts, A1111's API.
+
+Training jobs co-batched in one group, a job queue in SQLite, txt2img between steps,
+A1111-compatible routes.
 
     settings.py     ServeSettings, the process-wide keys, the loopback/token rule (torch-free)
     cli.py          `ti-fast serve` (parser torch-free; the command binds, loads, serves, stops)

@@ -1,5 +1,6 @@
-"""A1111 v1.10.1's API fields -> ti-fast's, and ti-fast's results -> A1111's response shapes
-(pure functions; the routes are in api_a1111.py).
+"""A1111 v1.10.1's API fields -> ti-fast's, and ti-fast's results -> A1111's response shapes.
+
+Pure functions; the routes are in api_a1111.py.
 
 Sources: A1111's modules/api/models.py (request/response models: TextToImageResponse,
 PNGInfoResponse, ProgressResponse, EmbeddingsResponse, SDModelItem, SamplerItem, HypernetworkItem,

@@ -1,5 +1,6 @@
-"""A1111-compatible routes under /sdapi/v1 (v1.10.1's paths, request fields and response shapes),
-so that scripts written for A1111's API (webuiapi and friends) work against `ti-fast serve`.
+"""A1111-compatible routes under /sdapi/v1: v1.10.1's paths, request fields and response shapes.
+
+Scripts written for A1111's API (webuiapi and friends) work against `ti-fast serve`.
 
 As in A1111, /train/* queue the job and answer when it ends; /progress reports the oldest running
 /sdapi job; /interrupt stops the /sdapi jobs (each saves first). Training and creation errors come

@@ -1,5 +1,7 @@
-"""Native API, the training half (/api/v1/jobs): submit, list, get, cancel, resume and delete
-jobs; each job's progress as Server-Sent Events; its files, loss curve and previews."""
+"""Native API, the training half (/api/v1/jobs): jobs, their progress as Server-Sent Events, their files.
+
+Submit, list, get, cancel, resume and delete jobs; each job's events, files, loss curve and
+previews."""
 from __future__ import annotations
 
 import csv

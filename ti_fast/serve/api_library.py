@@ -1,6 +1,8 @@
-"""Native API, the library half (/api/v1): server info and login, datasets (upload, list,
-delete), embeddings and hypernetworks (list with what `inspect` says, create, download, delete),
-txt2img and its outputs, and the options a training form offers."""
+"""Native API, the library half (/api/v1): server, login, datasets, embeddings, hypernetworks, txt2img.
+
+Server info and login, datasets (upload, list, delete), embeddings and hypernetworks (list with
+what `inspect` says, create, download, delete), txt2img and its outputs, and the options a
+training form offers."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
-"""The app factory: `create_app(state)` builds the FastAPI app around a ServerState passed in (no
-module-level state), with the security gate, JSON errors of one line, the native and A1111 routes,
+"""The app factory: `create_app(state)` builds the FastAPI app around a ServerState passed in.
+
+No module-level state: the security gate, JSON errors of one line, the native and A1111 routes,
 and an OpenAPI page whose assets the server serves itself (static/: no CDN, works offline)."""
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""`ti-fast serve`: the argument parser (torch-free, for --help) and the command: check the
-settings, load the model in the worker, bind, serve until SIGINT/SIGTERM, stop gracefully."""
+"""`ti-fast serve`: the argument parser (torch-free, for --help) and the command.
+
+Check the settings, bind, load the model in the worker, serve until SIGINT/SIGTERM, stop
+gracefully."""
 from __future__ import annotations
 
 import argparse
@@ -49,13 +51,18 @@ def add_serve_parser(sub, process_settings=None) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None, help="CUDA graphs (on)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC on CUDA (on)")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute every UNet block in backward (less memory, slower)")
+    g.add_argument("--clip-skip", type=int, default=None, help="CLIP skip of every run, A1111 numbering (1 = off)")
+    g.add_argument("--check-every", type=int, default=None, help="CUDA: read losses and the NaN flag every N steps")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default as `ti-fast train`)")
     p.set_defaults(func=cmd_serve, process_settings=process_settings)
 
 
 def settings_from_args(a):
     from .settings import ServeSettings, read_token
-    keys = [k for _, k, _ in _PROCESS_FLAGS] + ["low_vram", "offload", "compile", "cuda_graph", "channels_last", "threads"]
+    keys = [k for _, k, _ in _PROCESS_FLAGS] + ["low_vram", "offload", "compile", "cuda_graph", "channels_last",
+                                                "gradient_checkpointing", "clip_skip", "check_every", "threads"]
     process = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     process["model"] = a.model
     return ServeSettings(model=a.model, host=a.host, port=a.port, home=a.home, token=read_token(a.token, a.token_file),
@@ -96,7 +103,6 @@ def serve(settings, *, process_settings=None, group_factory=None) -> int:
 
 def check_process(process: dict):
     """The process-wide settings as TrainConfig checks them (type, choices), before anything loads."""
-    from ..devices import check_device_name
     from ..training.config import ATTENTION, KERNELS, PRECISIONS, TrainConfig, check_value
     for k, v in process.items():
         check_value(k, v, "serve")
@@ -105,9 +111,12 @@ def check_process(process: dict):
                                  ("--kernels", cfg.kernels, KERNELS)):
         if value not in allowed:
             raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(allowed)}")
+    for flag, value, lo, hi in (("--threads", cfg.threads, 1, 1024), ("--clip-skip", cfg.clip_skip, 1, 12),
+                                ("--check-every", cfg.check_every, 1, 10_000)):
+        if value is not None and not lo <= value <= hi:
+            raise ConfigError(f"{flag} {value}: from {lo} to {hi}")
+    from ..devices import check_device_name                  # (imports torch: the cheap checks come first)
     check_device_name(cfg.device)
-    if cfg.threads is not None and not 1 <= cfg.threads <= 1024:
-        raise ConfigError(f"--threads {cfg.threads}: from 1 to 1024")
     return cfg
 
 

@@ -1,5 +1,7 @@
-"""The server's refusals: UserErrors that carry their HTTP status (every one is answered as JSON
-with a one-line message; any other exception is a bug, answered 500 with its traceback in a file)."""
+"""The server's refusals: UserErrors that carry their HTTP status.
+
+Every one is answered as JSON with a one-line message; any other exception is a bug, answered
+500 with its traceback in a file."""
 from __future__ import annotations
 
 from ..errors import UserError

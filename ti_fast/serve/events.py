@@ -1,6 +1,8 @@
-"""Progress events from the worker thread to the event loop: each job's recent events in memory
-(numbered, so a stream resumes with Last-Event-ID), and waiters woken across threads with
-call_soon_threadsafe. One hub per server; it is closed at shutdown, which ends every stream."""
+"""Progress events from the worker thread to the event loop, and Server-Sent Events.
+
+Each job's recent events in memory (numbered, so a stream resumes with Last-Event-ID), and
+waiters woken across threads with call_soon_threadsafe. One hub per server; it is closed at
+shutdown, which ends every stream."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +12,7 @@ import threading
 from collections import deque
 
 KEEP = 2000          # events kept per job (a stream that falls further behind starts from the record)
+KEEP_ENDED = 64      # jobs that ended whose events stay in memory (older ones: their record and files say it all)
 
 
 class Waiter:
@@ -44,6 +47,7 @@ class Hub:
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._events: dict[str, deque] = {}
+        self._ended: list[str] = []
         self._waiters: set[Waiter] = set()
         self.closed = False
 
@@ -51,6 +55,12 @@ class Hub:
         with self._lock:
             seq = next(self._seq)
             self._events.setdefault(job_id, deque(maxlen=KEEP)).append((seq, event, data))
+            if job_id in self._ended:           # a job that runs again (resumed) is live again
+                self._ended.remove(job_id)
+            if event == "end":
+                self._ended.append(job_id)
+                while len(self._ended) > KEEP_ENDED:
+                    self._events.pop(self._ended.pop(0), None)
             waiters = [w for w in self._waiters if w.job_id in (job_id, None)]
         for w in waiters:
             w._wake()

@@ -1,5 +1,6 @@
-"""The home folder and the one way into it: every path a request names is resolved here, and
-nothing outside HOME is ever read or written.
+"""The home folder and the one way into it: every path a request names is resolved here.
+
+Nothing outside HOME is ever read or written.
 
     HOME/datasets/NAME/        uploaded images and captions
     HOME/embeddings/           the embedding library (A1111's embeddings dir)

@@ -1,5 +1,7 @@
-"""Training jobs: a request's settings -> the run's TrainConfig keys (checked, paths resolved inside
-HOME), the conflicts between jobs, and a job record as the API shows it.
+"""Training jobs: a request's settings -> the run's TrainConfig keys; submitting; the public record.
+
+Checked, paths resolved inside HOME; the conflicts between jobs; a job record as the API shows
+it.
 
 A job may set any per-run TrainConfig key. Process-wide keys (the model and how it runs) belong
 to the server and are refused naming the key; `resume` is the job's own business (POST
@@ -46,6 +48,8 @@ def run_settings(home: Home, kind: str, raw, job_id: str) -> dict:
     out = {}
     for key, value in raw.items():
         k = str(key).replace("-", "_")
+        if k == "quiet":                        # the server's runs are always quiet: it reports them itself
+            continue
         if k in PROCESS_KEYS:
             raise HTTPRefusal(f"config: {k} is process-wide (the model loads once with it): set it when starting "
                               f"the server (ti-fast serve --{k.replace('_', '-')} ...), not per job")
@@ -54,7 +58,6 @@ def run_settings(home: Home, kind: str, raw, job_id: str) -> dict:
         if value is None:                       # JSON null: the key's default
             continue
         out[k] = check_value(k, value, "config")
-    out.pop("quiet", None)
     lib = LIBRARY[kind]
     for key, (sub, must) in PATH_KEYS.items():
         if key in out:
@@ -67,7 +70,6 @@ def run_settings(home: Home, kind: str, raw, job_id: str) -> dict:
         raise HTTPRefusal("config: data is required (the name of an uploaded dataset, see /api/v1/datasets)")
     if out.get("seed") is None:
         out["seed"] = random.SystemRandom().randrange(2**31)
-    out["quiet"] = True
     return out
 
 
@@ -77,8 +79,9 @@ def _builtin_template(value: str) -> bool:
 
 
 def train_config(process: dict, run: dict, *, resume: bool = False) -> TrainConfig:
-    """The TrainConfig a run is added to the group with."""
-    cfg = TrainConfig(**{**process, **run})
+    """The TrainConfig a run is added to the group with (and, with run={}, the group's own): the
+    process-wide keys always the server's, runs always quiet."""
+    cfg = TrainConfig(**{**run, **process, "quiet": True})
     if resume:
         cfg.resume, cfg.overwrite = True, False
     return cfg

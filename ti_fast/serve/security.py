@@ -1,6 +1,7 @@
-"""The gate every request passes before any route: path hygiene, DNS-rebinding and cross-site
-checks, the token, and body size limits (a plain ASGI middleware, so streams and uploads pass
-through it unbuffered).
+"""The gate every request passes before any route: paths, Host/Origin, the token, body limits.
+
+Path hygiene, DNS-rebinding and cross-site checks, the token, and body size limits (a plain
+ASGI middleware, so streams and uploads pass through it unbuffered).
 
 - Paths: NUL, backslash, `.`/`..` segments and still-encoded `%2e`/`%2f` after decoding -> 400.
 - Without a token the server answers only requests whose Host is a loopback name (127.x, ::1,

@@ -1,6 +1,7 @@
-"""ServeSettings: how `ti-fast serve` runs (address, token, home folder, limits, the process-wide
-training keys), checked in one pure pass before anything loads. Torch-free: the CLI's parser and
-`ti-fast serve --help` import it."""
+"""ServeSettings: how `ti-fast serve` runs, checked in one pure pass before anything loads.
+
+Address, token, home folder, limits, the process-wide training keys. Torch-free: the CLI's
+parser and `ti-fast serve --help` import it."""
 from __future__ import annotations
 
 import ipaddress
@@ -9,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-
-# TrainConfig keys that belong to the process, not to a run: the model loads once with them, so a
-# job may not set them (a request naming one is refused with 400 naming it).
-PROCESS_KEYS = ("model", "vae", "tokenizer", "device", "precision", "attention", "cuda_graph", "low_vram",
-                "offload", "kernels", "channels_last", "compile", "threads")
+# TrainConfig keys that belong to the process, not to a run (the group's; torch-free module): the
+# model loads once with them and every run of a group shares them, so a job may not set them (a
+# request naming one is refused with 400 naming it).
+from ..training.config import PROCESS_KEYS
 
 MiB = 1 << 20
 
@@ -36,6 +36,9 @@ class ServeSettings:
     max_pixels: int = 64 * MiB                   # an image's width x height (checked from its header)
     max_queued: int = 1000                       # jobs waiting at once
     shutdown_s: float = 25.0                     # SIGINT/SIGTERM: the process is gone within this (+ a margin)
+
+    def __post_init__(self):
+        self.process = {**self.process, "model": self.model}
 
 
 def is_loopback_host(host: str) -> bool:

@@ -1,6 +1,7 @@
-"""ServerState: everything one server holds — settings, home folder, job store, event hub, the
-worker — made once and passed to the app factory (no module-level state: two servers in one
-process are two ServerStates)."""
+"""ServerState: everything one server holds, made once and passed to the app factory.
+
+Settings, home folder, job store, event hub, the worker. No module-level state: two servers in
+one process are two ServerStates."""
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
-"""The job queue in SQLite (stdlib sqlite3, WAL): one row per training job, written by the worker
-thread and the request handlers through one connection and a lock.
+"""The job queue in SQLite (stdlib sqlite3, WAL): one row per training job.
+
+Written by the worker thread and the request handlers through one connection and a lock.
 
 WAL with synchronous=NORMAL survives kill -9 of the server without losing a committed row or
 corrupting the file (only a power cut may drop the last commits). Every state change is one

@@ -1,5 +1,6 @@
-"""Dataset uploads: a multipart body (images and caption .txt files, or one .zip) streamed
-straight into HOME/tmp, checked, then moved into HOME/datasets/NAME.
+"""Dataset uploads: multipart images and captions, or one zip, streamed into HOME/tmp, checked, installed.
+
+The files land in HOME/datasets/NAME only once every check has passed.
 
 Checks, each a one-line 4xx naming the file: a file name with a directory part, '..' or a leading
 dot (400; other characters are replaced by '_', so captions still pair with their images); a type

@@ -109,12 +109,17 @@ class Worker:
                 self._apply_cancels()
                 self._admit()
                 if self.runs and not self._stop.is_set():
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as e:             # a bug in the group: its runs fail, a new group serves on
+                        self._crash(e)
+                        self._new_group(self.kind or "embedding")
                 elif not self._calls:
                     self._wake.wait(0.5)
                     self._wake.clear()
         except BaseException as e:               # a bug in the loop itself: record it, save the runs
             self._crash(e)
+            self.error = self.error or "the worker stopped after an internal error (see the server's log)"
         finally:
             self._drain()
 
@@ -162,15 +167,21 @@ class Worker:
 
     def _new_group(self, kind: str) -> None:
         self._say(f"ti-fast serve: a new training group for {kind} runs (the model loads again)")
-        self.group.close()
+        try:
+            self.group.close()
+        except Exception:
+            pass
+        self.runs.clear()
         self.group = None
         self.group = self.group_factory(J.train_config(self.settings.process, {}), say=self._say)
         self.kind = None
 
     def _add(self, job: dict) -> None:
         cfg = J.train_config(self.settings.process, job["config"], resume=bool(job["resume"]))
+        # (a hypernetwork run names its kind; an embedding run is the group's default)
+        kind = {} if job["kind"] == "embedding" else {"kind": job["kind"]}
         try:
-            name = self.group.add(cfg, callback=partial(self._progress, job["id"]), kind=job["kind"])
+            name = self.group.add(cfg, callback=partial(self._progress, job["id"]), **kind)
         except UserError as e:
             return self._finish(job["id"], "failed", error=str(e))
         except Exception as e:
@@ -198,13 +209,18 @@ class Worker:
         job = self.store.get(job_id)
         if job is None:
             return True
-        ev = {"job": job_id, "status": status, "group": info.get("group"), "step": info.get("step"),
+        active = info.get("active_runs") or len(self.group.active)     # the runs of this step
+        preview = self._preview_url(job, info.get("preview"))
+        if preview is not None and preview == self.last.get(job_id, {}).get("last_preview"):
+            preview_new = None                                           # an event names each preview once
+        else:
+            preview_new = preview
+        ev = {"job": job_id, "status": status, "group": info.get("group") or self.group.id, "step": info.get("step"),
               "end_step": info.get("end_step"), "loss": info.get("loss"), "lr": info.get("lr"),
               "epoch": info.get("epoch"), "samples_per_s": info.get("samples_per_s"), "eta_s": info.get("eta_s"),
-              "active_runs": info.get("active_runs"), "preview": self._preview_url(job, info.get("preview")),
-              "error": info.get("error")}
-        self.last[job_id] = ev
-        peak = max(job["peak_runs"] or 0, int(info.get("active_runs") or 0))
+              "active_runs": active, "preview": preview_new, "error": info.get("error")}
+        self.last[job_id] = {**ev, "last_preview": preview or self.last.get(job_id, {}).get("last_preview")}
+        peak = max(job["peak_runs"] or 0, int(active or 0))
         if status in TERMINAL:
             self._finish(job_id, status, info=info)
         else:
@@ -241,7 +257,9 @@ class Worker:
         self.store.transition(job_id, ("running", "queued"), status, peak_runs=peak, **fields)
         self.runs.pop(job_id, None)
         self._written.pop(job_id, None)
-        ev = {**self.last.pop(job_id, {}), "job": job_id, "status": status, "error": fields["error"],
+        last = self.last.pop(job_id, {})
+        last.pop("last_preview", None)
+        ev = {**last, "job": job_id, "status": status, "error": fields["error"],
               "step": fields.get("step"), "files": {k: f"/api/v1/jobs/{job_id}/files/{v}" for k, v in files.items()}}
         self.hub.publish(job_id, ev, "end")
 
@@ -275,9 +293,10 @@ class Worker:
                 pass
 
     def _crash(self, e: BaseException) -> None:
+        """A bug outside any one run: its traceback to a file, the running jobs failed (each keeps
+        its last save and can be resumed)."""
         msg = self._traceback(e, None)
         self._say(f"ti-fast serve: {msg}")
-        self.error = self.error or msg
         for job_id in list(self.runs):
             self._finish(job_id, "failed", error=msg)
 
