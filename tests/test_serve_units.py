@@ -82,6 +82,9 @@ def test_paths_stay_inside_home(tmp_path):
                 "ca%74s", "cats\\..", "a\x00b", "", ".", str(home.root) + "/../x"):
         with pytest.raises(PathRefused):
             home.inside("datasets", bad, "data")
+    for own in (home.dir("tmp") / "x", home.db_path, Path(str(home.db_path) + "-wal")):
+        with pytest.raises(PathRefused):
+            home.inside("logs", str(own), "log_dir")                  # the server's own files
     with pytest.raises(NotFound):
         home.inside("datasets", "dogs", "data", must_exist="folder")
     for bad in ("../a", "a/b", ".hidden", " lead", "a%2fb", "", "x" * 200, "semi;colon"):
@@ -90,6 +93,20 @@ def test_paths_stay_inside_home(tmp_path):
     assert safe_name("my set-1.v2", "name") == "my set-1.v2"
     with pytest.raises(PathRefused):
         home.below(home.dir("datasets") / "cats", "inner/f", "path")
+
+
+def test_a_job_saved_at_its_end_counts_as_completed(tiny_single, tmp_path):
+    """A server killed after a run's final save but before recording it: on restart the job is
+    complete, not a failed resume ("nothing to do")."""
+    import ti_fast
+    from train_helpers import quick_config
+    from ti_fast.serve.jobs import ended_in_state
+    cfg = quick_config(tiny_single, tmp_path, steps=3)
+    ti_fast.train(cfg)
+    job = {"resume": 1, "log_dir": cfg.log_dir, "config": {"lr": cfg.lr, "steps": 3}}
+    assert ended_in_state(job) == 3
+    assert ended_in_state({**job, "config": {"lr": cfg.lr, "steps": 5}}) is None       # more to do: resume
+    assert ended_in_state({**job, "resume": 0}) is None
 
 
 # ---------------------------------------------------------------------------- zips

@@ -99,6 +99,8 @@ class Home:
             if not (real_abs == root or real_abs.startswith(root + os.sep)):
                 raise PathRefused(f"{flag} {value!r}: absolute paths must lie inside the home folder {self.root}")
             base, parts = self.root, _components(os.path.relpath(real_abs, root), flag) if real_abs != root else []
+            if parts and (parts[0] == "tmp" or parts[0].startswith(self.db_path.name)):
+                raise PathRefused(f"{flag} {value!r}: the server's own files (tmp/, the job database) are not for jobs")
         else:
             parts = _components(value, flag)
         if not parts:

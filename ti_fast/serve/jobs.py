@@ -142,6 +142,22 @@ def requeue(state, job: dict) -> dict:
     return state.store.get(job["id"])
 
 
+def ended_in_state(job: dict) -> int | None:
+    """The step of a resumed job whose saved state is already at its last step (the previous
+    process saved the end of the run and died before recording it: complete, not failed); else None."""
+    if not job["resume"] or not resumable(job):
+        return None
+    from ..training.lr import parse_schedule
+    from ..training.outputs import load_state
+    cfg = job["config"]
+    try:
+        end = parse_schedule(cfg.get("lr", FIELDS["lr"].default), int(cfg.get("steps", FIELDS["steps"].default))).end_step
+        step = int(load_state(Path(job["log_dir"]) / "state.pt")["step"])
+    except (ConfigError, ValueError, KeyError, TypeError):
+        return None
+    return step if step >= end else None
+
+
 def resumable(job: dict) -> bool:
     return (Path(job["log_dir"]) / "state.pt").is_file()
 

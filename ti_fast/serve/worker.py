@@ -183,6 +183,9 @@ class Worker:
         try:
             name = self.group.add(cfg, callback=partial(self._progress, job["id"]), **kind)
         except UserError as e:
+            done = J.ended_in_state(job)
+            if done is not None:
+                return self._finish(job["id"], "completed", info={"step": done})
             return self._finish(job["id"], "failed", error=str(e))
         except Exception as e:
             return self._finish(job["id"], "failed", error=self._traceback(e, job))
