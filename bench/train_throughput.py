@@ -72,6 +72,7 @@ class Plan:
     iters: int | None             # None: sized to ~2 s per row
     compile: bool = False         # torch.compile rows (implied by --full)
     compile_only: bool = False    # only the torch.compile rows (no startup, peer or kernels)
+    runs: bool = False            # only the co-batched vs sequential runs rows (bench/runs.py)
     say: object = print
 
     @property
@@ -85,7 +86,7 @@ def make_plan(args) -> Plan:
         sys.exit("bench: no CUDA device; the full benchmark needs a GPU (use --tiny to check the harness on CPU)")
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     common = dict(full=args.full, compile=args.compile or args.full or args.compile_only,
-                  compile_only=args.compile_only, say=say)
+                  compile_only=args.compile_only, runs=getattr(args, "runs", False), say=say)
     if args.tiny:
         # tiny shapes gain nothing from threads, and on a shared CI machine spinning OpenMP
         # workers make the harness check several times slower
@@ -475,10 +476,13 @@ def run(plan: Plan) -> dict:
     env["ti_fast_kernels"] = "triton" if dev.type == "cuda" and ops.fused_ops("auto", verbose=False) else "torch"
     matmul = C.matmul_peak_flops(dev)
     plan.say(f"bench: {env['gpu']}: matmul peak {matmul['flops'] / 1e12:.1f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)")
-    if plan.compile_only:
+    if plan.compile_only or plan.runs:
+        from .runs import runs_rows
         models = TiFastModels(plan)
         env["ti_fast_attention"] = models.attention
-        rows, counted, startup, kernels = compile_rows(plan, models), None, {}, {}
+        rows = runs_rows(plan, models, micro_batch) if plan.runs else compile_rows(plan, models)
+        counted = count_flops(models, plan) if plan.tiny else None
+        startup, kernels = {}, {}
         del models
     else:
         from .startup import run_startup
@@ -538,6 +542,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="also batch 4, torch.compile, and 4/6/8 GiB caps")
     ap.add_argument("--compile", action="store_true", help="also torch.compile rows (first_step_s = compile time)")
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile rows")
+    ap.add_argument("--runs", action="store_true", help="only K = 1, 2, 4, 8 runs co-batched vs one after another")
     ap.add_argument("--batches", default=None, help="comma list replacing the batch 1 and 8 pair (e.g. 8)")
     ap.add_argument("--device", default=None, help="cuda (default) or cpu (default with --tiny)")
     ap.add_argument("--out", default=None, help="results folder (default bench/results; --tiny writes only with --out)")

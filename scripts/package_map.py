@@ -29,13 +29,27 @@ def package_map() -> str:
 
 
 
+def flow() -> str:
+    """The README's one-line statement of the import layers, from tests/test_layers.py's LAYERS
+    (the test that enforces them)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("test_layers", Path("tests") / "test_layers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [" | ".join(f"`{u}`" for u in row) for row in mod.LAYERS]
+    return ("Data flows one way (lowest first; units in one step never import each other; enforced by "
+            "tests/test_layers.py): " + " → ".join(f"({r})" if "|" in r else r for r in rows) + ".")
+
+
 def write_readme(path: str = "README.md") -> None:
-    """Replace the fenced block after '## Package map' with the current map."""
+    """Replace the flow statement and the fenced block after '## Package map' with the current ones."""
     text = Path(path).read_text(encoding="utf-8")
     head, _, tail = text.partition("## Package map")
     start = tail.index("```")
     end = tail.index("```", start + 3) + 3
-    Path(path).write_text(head + "## Package map" + tail[:start] + package_map() + tail[end:], encoding="utf-8")
+    lines = tail[:start].split("\n")
+    lines = [flow() if ln.startswith("Data flows one way") else ln for ln in lines]
+    Path(path).write_text(head + "## Package map" + "\n".join(lines) + package_map() + tail[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":

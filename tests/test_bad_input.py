@@ -65,6 +65,15 @@ def ws(tmp_path_factory, tiny_single):
     (w / "types.toml").write_text('steps = "many"\n')
     (w / "unknown.toml").write_text("stpes = 3\n")
     (w / "nested.toml").write_text("[model]\npath = 'x'\n")
+    runs = (f'model = "{w / "model"}"\ndata = "{w / "imgs"}"\ndevice = "cpu"\nwidth = 64\nheight = 64\n'
+            f'template = "subject"\nout = "{w / "out"}"\n')
+    (w / "runs-same-file.toml").write_text(runs + '[[run]]\nname = "x"\n[[run]]\nname = "x"\n')
+    (w / "runs-process-key.toml").write_text(runs + '[[run]]\nname = "x"\nprecision = "bf16"\n')
+    (w / "runs-empty.toml").write_text(runs + "run = []\n")
+    (w / "runs-unknown-key.toml").write_text(runs + '[[run]]\nname = "x"\nlearning_rate = 0.1\n')
+    (w / "sweep-unknown-key.toml").write_text(runs + 'name = "x"\n[sweep]\nlearning_rate = [0.1]\n')
+    (w / "sweep-empty.toml").write_text(runs + 'name = "x"\n[sweep]\nlr = []\n')
+    (w / "sweep-and-runs.toml").write_text(runs + 'name = "x"\n[sweep]\nlr = ["0.1"]\n[[run]]\nname = "y"\n')
     # states
     (w / "states" / "corrupt").mkdir(parents=True)
     (w / "states" / "corrupt" / "state.pt").write_bytes(b"PK\x03\x04 not really a zip")
@@ -213,6 +222,14 @@ CASES = [
     ("config-unknown-key", lambda w: _train(w, "--config", str(w / "unknown.toml")), "stpes"),
     ("config-table", lambda w: _train(w, "--config", str(w / "nested.toml")), "model"),
     ("config-fifo", lambda w: _train(w, "--config", str(w / "fifo")), "FIFO"),
+    # --- several runs in one file ([[run]] tables, [sweep])
+    ("runs-same-file", lambda w: ["train", "--config", str(w / "runs-same-file.toml")], "both write"),
+    ("runs-process-key", lambda w: ["train", "--config", str(w / "runs-process-key.toml")], "process-wide"),
+    ("runs-empty", lambda w: ["train", "--config", str(w / "runs-empty.toml")], "empty"),
+    ("runs-unknown-key", lambda w: ["train", "--config", str(w / "runs-unknown-key.toml")], "learning_rate"),
+    ("sweep-unknown-key", lambda w: ["train", "--config", str(w / "sweep-unknown-key.toml")], "learning_rate"),
+    ("sweep-empty-list", lambda w: ["train", "--config", str(w / "sweep-empty.toml")], "non-empty list"),
+    ("sweep-and-runs", lambda w: ["train", "--config", str(w / "sweep-and-runs.toml")], "exclude"),
     # --- resumable state and earlier outputs
     ("resume-nothing", lambda w: _train(w, "--resume", "--log-dir", str(w / "no-run")), "--resume"),
     ("resume-corrupt", lambda w: _train(w, "--resume", "--log-dir", str(w / "states" / "corrupt")), "damaged"),

@@ -119,3 +119,16 @@ def test_profile_step_tiny_runs():
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["kernels"] == "torch" and out["profiles"]
     assert all(r.get("kernels_per_step", 0) > 0 for r in out["profiles"]), out["profiles"]
+
+
+def test_runs_rows_tiny():
+    """--runs --tiny: co-batched and sequential rows for K = 1, 2 with numbers and a `runs` field."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--tiny", "--runs", "--quiet"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])["rows"]}
+    for k in (1, 2):
+        for kind in ("co-batched", "sequential"):
+            r = rows[f"{kind} K={k}"]
+            assert r["status"] == "ok" and r["runs"] == k and r["samples_per_s"] > 0 and r["wall_s"] > 0, r

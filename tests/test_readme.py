@@ -25,3 +25,15 @@ def test_package_map_lists_every_file():
         for p in (ROOT / root).rglob("*.py"):
             if "__pycache__" not in p.parts:
                 assert str(p.relative_to(ROOT)) in readme, p
+
+
+def test_flow_statement_is_current():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import os
+    from package_map import flow
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert flow() in (ROOT / "README.md").read_text(encoding="utf-8")
+    finally:
+        os.chdir(cwd)

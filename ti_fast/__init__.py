@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConfigError": "ti_fast.training.config", "NonFiniteLossError": "ti_fast.training.config",
     "OutOfMemoryError": "ti_fast.training.config",
     "train": "ti_fast.training.loop", "TrainResult": "ti_fast.training.loop",
+    "train_many": "ti_fast.training.group", "TrainGroup": "ti_fast.training.group",
     "generate": "ti_fast.sample.generate", "GenerateConfig": "ti_fast.sample.generate",
     "GenerateResult": "ti_fast.sample.generate", "GenerateError": "ti_fast.sample.generate",
     "load_hypernetwork": "ti_fast.hypernetworks", "Hypernetwork": "ti_fast.hypernetworks",
@@ -29,7 +30,8 @@ _EXPORTS = {
     "UserError": "ti_fast.errors", "RunCrashed": "ti_fast.errors",
 }
 
-__all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "TrainConfig", "TrainResult", "TrainError",
+__all__ = ["load_model", "make_tiny", "ModelLoadError", "train", "train_many", "TrainGroup", "TrainConfig",
+           "TrainResult", "TrainError",
            "ConfigError", "NonFiniteLossError", "OutOfMemoryError", "generate", "GenerateConfig",
            "GenerateResult", "GenerateError", "load_hypernetwork", "Hypernetwork", "HypernetworkError",
            "preprocess", "PreprocessConfig", "PreprocessResult", "UserError", "RunCrashed"]

@@ -77,10 +77,11 @@ TRAIN_FLAGS = [
     ("previews", "preview_prompt", "preview prompt (None: a training prompt)"),
     ("previews", "preview_negative", "preview negative prompt"),
     ("previews", "preview_seed", "preview seed (fixed, so previews compare across steps)"),
-    ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m"),
+    ("previews", "preview_sampler", "euler_a, euler, ddim, dpmpp_2m, or A1111's label ('Euler a', 'DPM++ 2M')"),
     ("previews", "preview_steps", "preview sampling steps"),
     ("previews", "preview_cfg", "preview CFG scale"),
-    ("previews", "png_embed", "at each preview step also write image_embeddings/NAME-STEP.png carrying the vectors"),
+    ("previews", "png_embed", "at each preview step also write image_embeddings/NAME-STEP.png carrying the vectors "
+     "(needs --preview-every; refused alone)"),
 ]
 
 
@@ -118,6 +119,11 @@ def cmd_train(a) -> int:
     over = {k: v for k, v in vars(a).items() if k not in ("cmd", "config", "demo", "no_half", "func")}
     if getattr(a, "no_half", False):
         over["precision"] = "full"
+    if a.config and not a.demo:
+        from .training.runs_config import read_runs
+        runs = read_runs(a.config, over)
+        if runs is not None:                    # [[run]] tables or a [sweep]: runs trained together
+            return train_group(runs)
     if a.demo:
         from .training.demo import demo_config
         cfg = demo_config(**over)
@@ -129,6 +135,34 @@ def cmd_train(a) -> int:
     process_settings(cfg)
     res = train(cfg, handle_signals=True)
     return 0 if res.status == "completed" else 130
+
+
+def train_group(runs) -> int:
+    """Several runs co-batched over one model; a summary table (stdout) and CSV at the end.
+    Exit 2 when a run failed (its one line is printed), 130 when interrupted, else 0."""
+    import datetime
+    from pathlib import Path
+    from .fsutil import atomic_write_text
+    from .training.group import train_many
+    from .training.preflight import validate
+    from .training.runs_config import summary
+    for cfg in runs:
+        validate(cfg)
+    process_settings(runs[0])
+    results = train_many(runs, handle_signals=True)
+    text, csv_text = summary(runs, results)
+    print(text, flush=True)
+    first = runs[0]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(first.log_dir or Path("ti-logs") / first.name).parent / f"summary-{stamp}.csv"
+    atomic_write_text(path, csv_text)
+    print(f"summary: {path}", flush=True)
+    for r in results:
+        if r.status == "failed":
+            _say(f"ti-fast: error: {r.name}: {r.error}")
+    if any(r.status == "failed" for r in results):
+        return 2
+    return 130 if any(r.status == "interrupted" for r in results) else 0
 
 
 def default_threads() -> int:

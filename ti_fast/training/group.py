@@ -53,14 +53,19 @@ class TrainGroup:
         self._built = None                            # (names, BuiltStep) of the current membership
 
     # ------------------------------------------------------------------ membership
-    def add(self, cfg: TrainConfig, *, callback=None, cancel: threading.Event | None = None) -> str:
+    def add(self, cfg: TrainConfig, *, callback=None, cancel: threading.Event | None = None,
+            kind: str | None = None) -> str:
         """Check a run's settings now (ConfigError, one line) and queue it: it joins at the next
-        step boundary. Returns its name."""
+        step boundary. Returns its name. callback(info) at each step boundary (True cancels the
+        run) and on its status changes; kind: what the run must train (checked)."""
         different = [k for k in PROCESS_KEYS if getattr(cfg, k) != getattr(self.process, k)]
         if different:
             raise ConfigError(f"run {cfg.name!r}: {', '.join('--' + k.replace('_', '-') for k in different)} "
                               "differs from the group's; process-wide settings are shared by every run")
-        return self.add_plan(make_plan(cfg, warn=self.say), callback=callback, cancel=cancel)
+        plan = make_plan(cfg, warn=self.say)
+        if kind is not None and plan.kind != kind:
+            raise ConfigError(f"run {plan.name!r} trains a {plan.kind}, not a {kind}")
+        return self.add_plan(plan, callback=callback, cancel=cancel)
 
     def add_plan(self, plan, *, callback=None, cancel=None, t_launch=None, lock: RunLock | None = None) -> str:
         """Queue a planned run (its log folder locked now: a second trainer is refused at once)."""
@@ -99,6 +104,8 @@ class TrainGroup:
         if not self.runs:
             return bool(self._pending)
         runs = list(self.runs)
+        for r in runs:
+            r.group = {"group": self.id, "active_runs": len(runs)}
         built = self._step_for(runs)
         try:
             loss, finite = built.fn([r.begin_step() for r in runs])
@@ -109,7 +116,7 @@ class TrainGroup:
             try:
                 run.after_step(loss[k], finite[k])
             except (NonFiniteLossError, UserError) as e:          # rolled back and saved: this run only
-                self._drop(run, error=e)
+                self._drop(run, error=e, saved=run.ckpt.good)
                 continue
             except BaseException as e:
                 self._fail_all(e)
@@ -190,6 +197,7 @@ class TrainGroup:
             return
         self.results[run.name] = run.result()
         self.runs.remove(run)
+        run.notify()
 
     def _drop(self, run: Run, error: BaseException, saved: dict | None = None) -> None:
         run.fail(error, saved)
@@ -197,6 +205,7 @@ class TrainGroup:
         self.results[run.name] = run.result()
         if run in self.runs:
             self.runs.remove(run)
+        run.notify()
 
     def _fail_all(self, e: BaseException) -> None:
         """The shared step failed (or a second Ctrl-C): every run saves its last good state."""

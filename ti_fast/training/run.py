@@ -57,6 +57,7 @@ class Run:
         self.name, self.n, self.status = plan.name, plan.start_step, "running"
         self.samples, self.t0, self.error = 0, None, None
         self.last_preview: Path | None = None
+        self.group: dict = {}                 # {"group": id, "active_runs": n}, set by the group
         self.bar = None if plan.cfg.quiet else _bar(plan)
         ckpt.start(self.n)
 
@@ -136,10 +137,15 @@ class Run:
         rate = self.samples / wall if wall > 0 else 0.0
         eta = wall / done * (self.end_step - self.n) if done else None
         rows = self.ckpt.loss_log.rows
-        return {"name": self.name, "status": self.status, "step": self.n, "end_step": self.end_step,
+        return {"name": self.name, **self.group, "status": self.status, "step": self.n, "end_step": self.end_step,
                 "loss": self.ckpt.last_loss, "lr": float(rows[-1][4]) if rows else None, "epoch": self.data.epoch,
                 "samples_per_s": rate, "eta_s": eta, "preview": str(self.last_preview) if self.last_preview else None,
                 "error": self.error, "files": {"embedding": str(self.plan.pt_path), "log_dir": str(self.plan.log_dir)}}
+
+    def notify(self) -> None:
+        """Tell the callback about a status change (its answer no longer matters)."""
+        if self.callback is not None:
+            self.callback(self.info())
 
     def _first_step_done(self) -> None:
         if self.tm.device.type == "cuda":
