@@ -178,10 +178,8 @@ class Worker:
 
     def _add(self, job: dict) -> None:
         cfg = J.train_config(self.settings.process, job["config"], resume=bool(job["resume"]))
-        # (a hypernetwork run names its kind; an embedding run is the group's default)
-        kind = {} if job["kind"] == "embedding" else {"kind": job["kind"]}
         try:
-            name = self.group.add(cfg, callback=partial(self._progress, job["id"]), **kind)
+            name = self.group.add(cfg, callback=partial(self._progress, job["id"]), kind=job["kind"])
         except UserError as e:
             done = J.ended_in_state(job)
             if done is not None:
@@ -225,7 +223,7 @@ class Worker:
         self.last[job_id] = {**ev, "last_preview": preview or self.last.get(job_id, {}).get("last_preview")}
         peak = max(job["peak_runs"] or 0, int(active or 0))
         if status in TERMINAL:
-            self._finish(job_id, status, info=info)
+            self._finish(job_id, status, info=info, result=self.group.result(info.get("name") or self.runs.get(job_id)))
         else:
             fields = {k: ev[k] for k in ("step", "end_step", "loss", "lr") if ev[k] is not None}
             now = time.time()
@@ -251,7 +249,7 @@ class Worker:
             self.runs.pop(job_id, None)
             return
         info = info or {}
-        files = _files(job, info.get("files") or getattr(result, "files", None) or {}, result)
+        files = _files(job, {**(getattr(result, "files", None) or {}), **(info.get("files") or {})}, result)
         step = info.get("step", getattr(result, "steps", None))
         loss = info.get("loss", getattr(result, "final_loss", None))
         fields = {"finished": time.time(), "files": files, "error": info.get("error") or error}
