@@ -134,13 +134,18 @@ def test_bad_job_settings_are_400_naming_the_key(live):
             r = c.post("/api/v1/jobs", json={"config": config})
             assert r.status_code in (400, 404), (config, r.text)
             assert word in r.json()["error"] and "\n" not in r.json()["error"], r.text
+            if word != "no_such_key":
+                assert r.json()["field"] == word, r.json()              # a form shows it beside that field
 
 
 def test_txt2img_between_steps(live):
     with live.client() as c:
+        r = c.post("/api/v1/embeddings", json={"name": "srvgenemb", "init_text": "ring", "vectors": 2})
+        assert r.status_code == 201 and r.json()["step"] == 0 and r.json()["vectors"] == 2
+        assert c.post("/api/v1/embeddings", json={"name": "srvgenemb"}).status_code == 409
         job = submit(c, job_config("srvgen", "rings", steps=5000))
         wait_job(c, job["id"], step=2)
-        r = c.post("/api/v1/txt2img", json={"prompt": "a photo of srvone", "steps": 2, "width": 64, "height": 64,
+        r = c.post("/api/v1/txt2img", json={"prompt": "a photo of srvgenemb", "steps": 2, "width": 64, "height": 64,
                                             "seed": 3, "batch": 2})
         assert r.status_code == 200, r.text
         imgs = r.json()["images"]
@@ -152,8 +157,27 @@ def test_txt2img_between_steps(live):
         wait_job(c, job["id"])
 
 
+def test_hypernetwork_library(live):
+    with live.client() as c:
+        r = c.post("/api/v1/hypernetworks", json={"name": "srvhn", "layer_structure": "1,2,1", "activation": "relu",
+                                                  "seed": 1})
+        assert r.status_code == 201, r.text
+        d = r.json()
+        assert d["kind"] == "hypernetwork" and d["widths"] == [32, 64] and d["activation_func"] == "relu"
+        assert c.post("/api/v1/hypernetworks", json={"name": "srvhn"}).status_code == 409
+        assert c.post("/api/v1/hypernetworks", json={"name": "srvhn2", "activation": "nope"}).status_code == 400
+        assert "srvhn.pt" in [h["file"] for h in c.get("/api/v1/hypernetworks").json()]
+        r = c.post("/api/v1/txt2img", json={"prompt": "a ring <hypernet:srvhn:0.5>", "steps": 1, "width": 64,
+                                            "height": 64, "seed": 1})
+        assert r.status_code == 200 and "<hypernet:srvhn:0.5>" in r.json()["images"][0]["infotext"]
+        assert c.get("/api/v1/hypernetworks/srvhn.pt").content[:2] == b"PK"       # a torch zip archive
+        assert c.delete("/api/v1/hypernetworks/srvhn.pt").status_code == 200
+        assert c.get("/api/v1/hypernetworks/srvhn.pt").status_code == 404
+
+
 def test_datasets_list_add_delete(live):
     with live.client() as c:
+        assert [s["key"] for s in c.get("/api/v1/samplers").json()][:2] == ["euler_a", "euler"]
         assert upload(c, "extra", demo_files(2, captions=False)).status_code == 201
         assert upload(c, "extra", demo_files(2, captions=False)).status_code == 409     # same names
         r = upload(c, "extra", demo_files(2, captions=False), replace="true")

@@ -134,6 +134,11 @@ def router(state) -> APIRouter:
                         "process_wide": f.name in PROCESS_KEYS or f.name in ("resume", "quiet")})
         return out
 
+    @r.get("/samplers", summary="Samplers for txt2img and previews: key, A1111's label, default schedule")
+    def samplers():
+        from ..diffusion.samplers import SAMPLERS
+        return [{"key": k, "label": i.label, "default_schedule": i.default_schedule} for k, i in SAMPLERS.items()]
+
     @r.get("/templates", summary="Built-in prompt templates and the files in HOME/templates")
     def templates():
         from ..training.templates import TEMPLATES

@@ -5,6 +5,7 @@ and an OpenAPI page whose assets the server serves itself (static/: no CDN, work
 from __future__ import annotations
 
 import datetime
+import re
 import traceback
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,9 +26,21 @@ from .security import Guard
 STATIC = Path(__file__).parent / "static"
 
 
-def error_response(status: int, message: str, headers=None) -> JSONResponse:
+_FIELD = re.compile(r"^(?:--([a-z][a-z0-9-]*)|config: ([a-z_][a-z0-9_]*)|([a-z_][a-z0-9_]*) [\'\"])")
+
+
+def error_response(status: int, message: str, headers=None, field: bool = False) -> JSONResponse:
+    """{"error", "detail"} (the same line), and for a refused setting `field`: the TrainConfig key
+    it names (a form shows the line beside that field)."""
     msg = one_line(message)
-    return JSONResponse({"error": msg, "detail": msg}, status_code=status, headers=headers)
+    body = {"error": msg, "detail": msg}
+    m = _FIELD.match(msg) if field else None
+    if m:
+        from ..training.config import FIELDS
+        key = next(g for g in m.groups() if g).replace("-", "_")
+        if key in FIELDS:
+            body["field"] = key
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(state) -> FastAPI:
@@ -48,7 +61,7 @@ def create_app(state) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return error_response(status_of(e), str(e))
+        return error_response(status_of(e), str(e), field=True)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
