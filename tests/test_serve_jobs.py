@@ -78,7 +78,7 @@ def test_upload_train_events_download_equals_a_cli_run(live, tiny_single, tmp_pa
 
 def test_two_concurrent_jobs_share_one_group_and_match_their_solo_runs(live, tiny_single, tmp_path):
     import torch
-    a = job_config("srvpair_a", "rings", steps=30, seed=11, vectors=1)
+    a = job_config("srvpair_a", "rings", steps=60, seed=11, vectors=1)
     b = job_config("srvpair_b", "rings", steps=24, seed=12, lr="0.02", grad_accum=2)
     with live.client() as c:
         ja, jb = submit(c, a), submit(c, b)

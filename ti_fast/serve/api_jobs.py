@@ -39,6 +39,14 @@ def router(state) -> APIRouter:
             raise NotFound(f"job {job_id!r}: no such job")
         return job
 
+    def shown(job: dict) -> dict:
+        """The public record, with a running job's step, loss and lr as of its last event (the
+        database row is written at most once a second)."""
+        if job["status"] == "running":
+            ev = state.worker.last.get(job["id"], {})
+            job = {**job, **{k: ev[k] for k in ("step", "end_step", "loss", "lr") if ev.get(k) is not None}}
+        return J.public(job, home)
+
     @r.post("", status_code=201, summary="Submit a training job (joins the group at its next step, or queues)")
     def submit(body: JobRequest):
         job_id = store.new_id()
@@ -49,11 +57,11 @@ def router(state) -> APIRouter:
     @r.get("", summary="All jobs, oldest first (status=queued,running to filter)")
     def list_jobs(status: str | None = None, limit: int = 1000):
         wanted = tuple(s for s in (status or "").split(",") if s) or None
-        return [J.public(j, home) for j in store.list(status=wanted, limit=limit)]
+        return [shown(j) for j in store.list(status=wanted, limit=limit)]
 
     @r.get("/{job_id}", summary="One job")
     def one(job_id: str):
-        return J.public(get(job_id), home)
+        return shown(get(job_id))
 
     @r.post("/{job_id}/cancel", summary="Cancel: a queued job is dropped, a running one saves and leaves at the next step")
     def cancel(job_id: str):
