@@ -117,3 +117,18 @@ def test_learning_reduces_loss_on_fixed_pairs(tmp_path):
     before = fixed_loss(init_vectors(m.text_encoder.token_table.detach(), ids, 2))
     after = fixed_loss(torch.load(res.embedding, weights_only=True)["string_to_param"]["*"])
     assert after < before * 0.98, (before, after)
+
+
+def test_previews_carry_ti_hashes_of_the_embedding(tiny_single, tmp_path):
+    """A1111 v1.10 writes `TI hashes: "NAME: HASH"` into infotext; the preview of the last step
+    names the hash of the NAME.pt the run wrote at that step (sha256 of the file, 12 hex)."""
+    import hashlib
+    from PIL import Image
+    from ti_fast.infotext import parse_infotext, parse_ti_hashes
+    res = train(quick_config(tiny_single, tmp_path, steps=4, preview_every=2, preview_steps=2))
+    info = parse_infotext(Image.open(res.log_dir / "images" / "tok-4.png").text["parameters"])
+    want = hashlib.sha256(res.embedding.read_bytes()).hexdigest()[:12]
+    assert parse_ti_hashes(info["TI hashes"]) == {"tok": want}
+    earlier = parse_ti_hashes(parse_infotext(Image.open(res.log_dir / "images" / "tok-2.png").text["parameters"])
+                              ["TI hashes"])
+    assert set(earlier) == {"tok"} and earlier["tok"] != want        # the vectors of step 2
