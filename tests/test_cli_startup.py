@@ -30,7 +30,8 @@ def imported_modules(*args: str) -> set[str]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["create", "--help"], ["generate", "--help"],
                                   ["inspect", "--help"], ["convert", "--help"], ["make-tiny", "--help"],
-                                  ["create-hypernetwork", "--help"], ["train-hypernetwork", "--help"]])
+                                  ["create-hypernetwork", "--help"], ["train-hypernetwork", "--help"],
+                                  ["serve", "--help"], ["preprocess", "--help"]])
 def test_help_imports_nothing_heavy(argv):
     mods = imported_modules("-m", "ti_fast.cli", *argv)
     assert "ti_fast" in mods and "argparse" in mods          # the instrument sees imports

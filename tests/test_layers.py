@@ -1,6 +1,7 @@
 """Data flows one way through the package: every import inside ti_fast (function-level imports
-included) points to a lower layer or stays inside its own unit; `training` and `sample` (and the
-faces `cli` and `serve`) never import each other; nothing imports diffusers, bench or tests."""
+included) points to a lower layer or stays inside its own unit; `training` and `sample` never
+import each other; the face `serve` sits just below `cli`, which registers its subcommand;
+nothing imports diffusers, bench or tests."""
 from __future__ import annotations
 
 import ast
@@ -20,7 +21,8 @@ LAYERS = [
     ["hypernetworks", "preprocessing"],
     ["diffusion", "interop"],
     ["training", "sample"],
-    ["cli", "serve"],
+    ["serve"],
+    ["cli"],                  # the command line registers `serve` (ti_fast.serve.cli)
     ["__init__"],
 ]
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}

@@ -9,6 +9,7 @@
   ti-fast make-tiny DIR    write a tiny random SD1-shaped model (tests, demo)
   ti-fast inspect FILE...  what embedding files hold; --verify: which tools load them
   ti-fast convert IN OUT   an embedding in another format (a1111, kohya, diffusers, png)
+  ti-fast serve --model M  HTTP server: training jobs and txt2img on one loaded model (A1111 API too)
 """
 from __future__ import annotations
 
@@ -279,6 +280,8 @@ def main(argv=None) -> int:
     add_preprocess_parser(sub)
     from .interop.cli import add_interop_parsers
     add_interop_parsers(sub)                               # inspect, convert
+    from .serve.cli import add_serve_parser
+    add_serve_parser(sub, process_settings=process_settings)
 
     a = p.parse_args(argv)
     if a.cmd == "train" and not hasattr(a, "demo"):
