@@ -205,6 +205,7 @@ CASES = [
     ("template-unknown", lambda w: _train(w, "--template", "nosuch"), "template"),
     ("template-fifo", lambda w: _train(w, "--template", str(w / "fifo")), "template"),
     ("embedding-too-long", lambda w: _train(w, "--embedding", str(w / "long.pt")), "vectors"),
+    ("vectors-do-not-fit-the-template", lambda w: _train(w, "--vectors", "74"), "75 tokens"),
     # --- data, model, tokenizer, embedding files
     ("data-missing", lambda w: _train(w, "--data", str(w / "nope")), "--data"),
     ("data-is-file", lambda w: _train(w, "--data", str(w / "afile.txt")), "--data"),

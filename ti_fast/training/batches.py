@@ -13,6 +13,7 @@ import random
 import torch
 
 from ..diffusion.conditioning import grey_latent, inpaint_concat
+from ..errors import ConfigError
 from ..prompt import PromptTokenizer
 from . import prewarm
 from .data import BatchOrder, latent_weight, prepare_dataset
@@ -82,6 +83,19 @@ class TrainingData:
         return sum(self.ptok.n_chunks(max((ln.replace("[filewords]", it.caption) for ln in self.lines), key=len)) > 1
                    for it in self.items)
 
+    def check_trigger_fits(self) -> None:
+        """ConfigError when a template line cannot hold the trigger's vectors in its 75 tokens:
+        A1111's chunking moves an embedding that does not fit to the next chunk, which training
+        cuts, so that prompt would train nothing. (A hypernetwork has no trigger: nothing to do.)"""
+        if self.name not in self.ptok.rows:
+            return
+        want = self.ptok.rows[self.name][1]
+        for line in self.lines:
+            text = render_prompt(line, self.name, "", rng=random.Random(0))
+            if self.name in text and int((self.ptok([text], chunks=1).vector_index >= 0).sum()) < want:
+                raise ConfigError(f"--vectors {want}: the template line {line!r} with {want} vectors needs more "
+                                  "than the 75 tokens a prompt holds: use fewer vectors or shorter template lines")
+
     def state_dict(self) -> dict:
         return {"order": self.order.state_dict(), "py_rng": self.rng.getstate()}
 
@@ -138,6 +152,7 @@ def build_training_data(plan, tm, trainable, say=print, memo: dict | None = None
                         plan.lines, plan.name, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                         flip=cfg.flip, shuffle_tags=cfg.shuffle_tags, tag_dropout=cfg.tag_dropout,
                         seed=plan.seed, device=device)
+    data.check_trigger_fits()
     long = data.long_captions()
     if long:
         say(f"ti-fast: {long} caption(s) make prompts longer than 75 tokens; training cuts them there")
