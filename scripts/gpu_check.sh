@@ -48,6 +48,7 @@ PY
 #   tiny       the benchmark at tiny shapes on the GPU (every CUDA path in ~30 s)
 #   hypernetwork  bench.train_throughput --hypernetwork (graphed vs A1111-style vs the embedding step);
 #              with its GPU tests: TI_FAST_STEPS="hypernetwork tests" TI_FAST_GPU_TESTS=tests/test_train_hypernetwork.py
+#   runs       bench.train_throughput --runs (K = 1, 2, 4, 8 runs co-batched vs one after another)
 STEPS=" ${TI_FAST_STEPS:-bench profile tests} "
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 
@@ -113,6 +114,13 @@ if has hypernetwork; then
   timeout ${TI_FAST_HN_TIMEOUT:-200} python3 -m bench.train_throughput --hypernetwork > "$OUT/bench_hypernetwork.log" 2>&1
   echo "hypernetwork bench exit $?"; grep -v '^{' "$OUT/bench_hypernetwork.log" | tail -20
   latest=$(tail -n 1 "$OUT/bench_hypernetwork.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
+  [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
+fi
+if has runs; then
+  stamp "bench --runs"
+  timeout ${TI_FAST_RUNS_TIMEOUT:-200} python3 -m bench.train_throughput --runs > "$OUT/bench_runs.log" 2>&1
+  echo "runs bench exit $?"; grep -v '^{' "$OUT/bench_runs.log" | tail -12
+  latest=$(tail -n 1 "$OUT/bench_runs.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
   [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
 fi
 stamp "done"
