@@ -1,4 +1,4 @@
-"""Benchmark: the Triton flash-attention kernel (kernels/attention.py) against SDPA, at the
+"""Benchmark: the Triton flash-attention kernel (ti_fast/kernels/attention.py) against SDPA, at the
 attention shapes of SD1.5 at 512 px (UNet self- and cross-attention, text encoder). GPU only.
 
     python -m bench.bench_attention [--dtypes bf16] [--batch 8] [--iters 30] [--sweep]

@@ -1,4 +1,4 @@
-"""Benchmark: fused GEGLU (kernels/geglu.py) against the PyTorch path it replaces, at the
+"""Benchmark: fused GEGLU (ti_fast/kernels/geglu.py) against the PyTorch path it replaces, at the
 feed-forward shapes of SD1.5's transformer blocks, bf16 and fp16. GPU only.
 
     python -m bench.bench_geglu [--dtypes bf16,fp16] [--iters 50]

@@ -1,4 +1,4 @@
-"""Benchmark: fused GroupNorm+SiLU (kernels/group_norm_silu.py) against the PyTorch paths it
+"""Benchmark: fused GroupNorm+SiLU (ti_fast/kernels/group_norm_silu.py) against the PyTorch paths it
 replaces, at SD1.5 UNet shapes (32 groups), bf16 and fp16, NCHW and channels_last. GPU only.
 
     python -m bench.bench_group_norm_silu [--dtypes bf16,fp16] [--layouts nchw,nhwc] [--iters 50]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOTS = ["ti_fast", "kernels", "bench", "scripts", "tests"]
+ROOTS = ["ti_fast", "bench", "scripts", "tests"]
 
 
 def first_line(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Flash-attention kernel (kernels/attention.py) vs the plain-PyTorch reference: output and the
+"""Flash-attention kernel (ti_fast/kernels/attention.py) vs the plain-PyTorch reference: output and the
 gradients of q, k and v.
 
 CPU: the Triton kernels run in Triton's interpreter at tiny, awkward shapes (fp32, fp16; bf16

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Lowest first. A unit is a top-level module or sub-package of ti_fast (kernels/ is
-# ti_fast.kernels). Units in one row are peers: neither may import the other.
+# Lowest first. A unit is a top-level module or sub-package of ti_fast. Units in one row are
+# peers: neither may import the other.
 LAYERS = [
     ["errors"],
     ["fsutil"],
@@ -30,8 +30,8 @@ FORBIDDEN = ("diffusers", "bench", "tests")
 
 
 def _modules():
-    """(dotted module name, is_package, path) of every source file of ti_fast and kernels/."""
-    for base, prefix in ((ROOT / "ti_fast", "ti_fast"), (ROOT / "kernels", "ti_fast.kernels")):
+    """(dotted module name, is_package, path) of every source file of ti_fast."""
+    for base, prefix in ((ROOT / "ti_fast", "ti_fast"),):
         for p in sorted(base.rglob("*.py")):
             rel = p.relative_to(base).with_suffix("")
             parts = [prefix, *rel.parts]

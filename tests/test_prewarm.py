@@ -1,4 +1,4 @@
-"""Kernel precompilation (ti_fast/training/prewarm.py, kernels/precompile.py).
+"""Kernel precompilation (ti_fast/training/prewarm.py, ti_fast/kernels/precompile.py).
 
 CPU: the meta-device trace records the fused-op calls of a UNet forward and a VAE encode.
 sm_90 harness (no GPU: Triton compiles for an H100/H200 target, nothing launches): after the
