@@ -4,6 +4,7 @@ No module-level state: the security gate, JSON errors of one line, the native an
 and an OpenAPI page whose assets the server serves itself (static/: no CDN, works offline)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import traceback
@@ -27,6 +28,9 @@ STATIC = Path(__file__).parent / "static"
 
 
 _FIELD = re.compile(r"^(?:--([a-z][a-z0-9-]*)|config: ([a-z_][a-z0-9_]*)|([a-z_][a-z0-9_]*) [\'\"])")
+# messages that name their setting in words rather than by its key
+_PHRASES = (("learning rate schedule", "lr"), ("clip threshold schedule", "clip_grad"), ("embedding name ", "name"),
+            ("hypernetwork name ", "name"))
 
 
 def error_response(status: int, message: str, headers=None, field: bool = False) -> JSONResponse:
@@ -35,10 +39,12 @@ def error_response(status: int, message: str, headers=None, field: bool = False)
     msg = one_line(message)
     body = {"error": msg, "detail": msg}
     m = _FIELD.match(msg) if field else None
-    if m:
-        from ..training.config import FIELDS
-        key = next(g for g in m.groups() if g).replace("-", "_")
-        if key in FIELDS:
+    key = next(g for g in m.groups() if g).replace("-", "_") if m else None
+    if field and key is None:
+        key = next((k for phrase, k in _PHRASES if msg.startswith(phrase)), None)
+    if key is not None:
+        from ..training.config import FIELDS, config_class
+        if key in FIELDS or key in {f.name for f in dataclasses.fields(config_class("hypernetwork"))}:
             body["field"] = key
     return JSONResponse(body, status_code=status, headers=headers)
 
