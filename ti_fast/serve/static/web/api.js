@@ -105,6 +105,11 @@ export function num(v, digits = 4) {
   return String(Number(x.toPrecision(digits)));
 }
 
+/** count(1, "image") -> "1 image", count(3, "image") -> "3 images". */
+export function count(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
 export function bytes(n) {
   if (n === null || n === undefined) return "";
   const units = ["B", "KB", "MB", "GB"];

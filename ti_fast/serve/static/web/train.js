@@ -3,7 +3,7 @@
 // (/api/v1/train-options: the CLI's own), and start. Every check is the server's: its one-line
 // error appears beside the field it names.
 
-import { api, upload, h, $, $$, bytes, showError, clearErrors } from "./api.js";
+import { api, upload, h, $, $$, bytes, count, showError, clearErrors } from "./api.js";
 
 // Which settings the form offers, in which group, with what label. Values, types, defaults and
 // choices come from the server.
@@ -209,7 +209,7 @@ export class TrainForm {
     sel.append(h("option", { value: "" }, `a new ${this.kind}`));
     for (const f of this.library[this.kind] || []) {
       const bits = [f.step !== undefined && f.step !== null ? `step ${f.step}` : null,
-                    f.vectors ? `${f.vectors} vectors` : null].filter(Boolean).join(", ");
+                    f.vectors ? count(f.vectors, "vector") : null].filter(Boolean).join(", ");
       sel.append(h("option", { value: f.file }, bits ? `${f.file} (${bits})` : f.file));
     }
     sel.value = Array.from(sel.options).some((o) => o.value === keep) ? keep : "";
@@ -266,7 +266,7 @@ export class TrainForm {
     sel.textContent = "";
     sel.append(h("option", { value: "" }, list.length ? "(choose a dataset)" : "(upload one below)"));
     for (const d of list) {
-      sel.append(h("option", { value: d.name }, `${d.name} · ${d.images} images, ${d.captions} captions`));
+      sel.append(h("option", { value: d.name }, `${d.name} · ${count(d.images, "image")}, ${count(d.captions, "caption")}`));
     }
     if (list.some((d) => d.name === keep)) sel.value = keep;
     else if (list.length === 1) sel.value = list[0].name;
@@ -295,8 +295,9 @@ export class TrainForm {
     const other = files.length - zips.length - images - captions;
     const total = files.reduce((n, f) => n + f.size, 0);
     $("#upload-picked").textContent = files.length
-      ? [zips.length ? `${zips.length} zip` : null, images ? `${images} images` : null,
-         captions ? `${captions} captions` : null, other ? `${other} other files` : null].filter(Boolean).join(", ")
+      ? [zips.length ? count(zips.length, "zip") : null, images ? count(images, "image") : null,
+         captions ? count(captions, "caption") : null, other ? count(other, "other file") : null]
+        .filter(Boolean).join(", ")
         + ` (${bytes(total)})`
       : "";
     const name = $("#upload-name");
@@ -331,7 +332,7 @@ export class TrainForm {
       $("#upload-name").value = "";
       $("#upload-picked").textContent = "";
       await this.refreshDatasets(d.name);
-      status.textContent = `${d.name}: ${d.images} images, ${d.captions} captions${skipped}`;
+      status.textContent = `${d.name}: ${count(d.images, "image")}, ${count(d.captions, "caption")}${skipped}`;
     } catch (e) {
       err.textContent = e.message;
     } finally {
