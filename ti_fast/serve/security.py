@@ -9,9 +9,9 @@ ASGI middleware, so streams and uploads pass through it unbuffered).
   token, a request whose Origin is not the server's own (or whose Sec-Fetch-Site is cross-site)
   -> 403: no other site may drive it from a browser, and no CORS header is ever sent.
 - With a token every route but the public ones needs it (the login route and the web page's own
-  HTML/CSS/JS, which hold no data: the page then asks for the token): `Authorization: Bearer T`, HTTP Basic with T
-  as the password (any user name: A1111's --api-auth clients), or the HttpOnly SameSite=Strict
-  cookie the login route sets. Never in a URL. Compared in constant time.
+  HTML/CSS/JS, which hold no data: the page then asks for the token): `Authorization: Bearer T`,
+  HTTP Basic with T as the password (any user name: A1111's --api-auth clients), or the HttpOnly
+  SameSite=Strict cookie the login route sets. Never in a URL. Compared in constant time.
 - Bodies: Content-Length over the limit -> 413 at once; a chunked body is counted as it arrives.
 """
 from __future__ import annotations
