@@ -169,6 +169,9 @@ async def _stream(state, job_id: str, after: int, request: Request):
     try:
         job = state.store.get(job_id)
         yield sse("job", J.public(job, state.home), None)
+        if not after and job["status"] not in TERMINAL:
+            # a resumed job: a fresh stream starts after its earlier run's `end` (which would end it at once)
+            after = max((seq for seq, event, _ in hub.since(job_id, 0) if event == "end"), default=0)
         if job["status"] in TERMINAL and not hub.since(job_id, after):
             yield sse("end", {"job": job_id, "status": job["status"], "step": job["step"], "error": job["error"]})
             return

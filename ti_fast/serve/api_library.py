@@ -77,6 +77,16 @@ def generate_call(state, gen: dict, out: Path):
     return run
 
 
+def option_choices() -> dict[str, list[str]]:
+    """The training keys whose values are one of a fixed set (a form offers them as a list; the
+    trainer's preflight still checks every value)."""
+    from ..diffusion.samplers import SAMPLERS
+    from ..hypernetworks.names import ACTIVATION_NAMES, INITS
+    from ..training.config import LATENT_MODES, OPTIMIZERS, RESIZE_MODES
+    return {"latents": list(LATENT_MODES), "resize": list(RESIZE_MODES), "optimizer": list(OPTIMIZERS),
+            "preview_sampler": list(SAMPLERS), "activation": list(ACTIVATION_NAMES), "init": list(INITS)}
+
+
 def describe_file(path: Path, url: str) -> dict:
     from ..errors import UserError
     from ..interop.describe import describe
@@ -124,14 +134,19 @@ def router(state) -> APIRouter:
                 "limits": {"upload_mb": settings.max_upload_mb, "file_mb": settings.max_file_mb,
                            "files": settings.max_files, "body_mb": settings.max_body_mb}}
 
-    @r.get("/train-options", summary="Every per-run training key with its default (process-wide ones marked)")
-    def train_options():
-        from ..training.config import TrainConfig
+    @r.get("/train-options", summary="Every training key of a kind (embedding | hypernetwork) with its default, "
+                                      "the choices of those that have a fixed set (process-wide ones marked)")
+    def train_options(kind: str = "embedding"):
+        from ..training.config import config_class
+        if kind not in LIBRARY:
+            raise HTTPRefusal(f"kind {kind!r}: choose embedding or hypernetwork")
+        choices = option_choices()
         out = []
-        for f in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(config_class(kind)):
             default = f.default if f.default is not dataclasses.MISSING else None
             out.append({"key": f.name, "type": str(f.type), "default": default,
-                        "process_wide": f.name in PROCESS_KEYS or f.name in ("resume", "quiet")})
+                        "process_wide": f.name in PROCESS_KEYS or f.name in ("resume", "quiet"),
+                        **({"choices": choices[f.name]} if f.name in choices else {})})
         return out
 
     @r.get("/samplers", summary="Samplers for txt2img and previews: key, A1111's label, default schedule")

@@ -1,9 +1,11 @@
 """The app factory: `create_app(state)` builds the FastAPI app around a ServerState passed in.
 
 No module-level state: the security gate, JSON errors of one line, the native and A1111 routes,
-and an OpenAPI page whose assets the server serves itself (static/: no CDN, works offline)."""
+the web page at / (static/web/: plain HTML, CSS and JS on the native API) and an OpenAPI page,
+whose assets the server serves itself (static/: no CDN, works offline)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import traceback
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
@@ -24,9 +26,13 @@ from .errors import status_of
 from .security import Guard
 
 STATIC = Path(__file__).parent / "static"
+WEB = STATIC / "web"          # the page at /: its files are the only ones served without the token
 
 
 _FIELD = re.compile(r"^(?:--([a-z][a-z0-9-]*)|config: ([a-z_][a-z0-9_]*)|([a-z_][a-z0-9_]*) [\'\"])")
+# messages that name their setting in words rather than by its key
+_PHRASES = (("learning rate schedule", "lr"), ("clip threshold schedule", "clip_grad"), ("embedding name ", "name"),
+            ("hypernetwork name ", "name"))
 
 
 def error_response(status: int, message: str, headers=None, field: bool = False) -> JSONResponse:
@@ -35,10 +41,12 @@ def error_response(status: int, message: str, headers=None, field: bool = False)
     msg = one_line(message)
     body = {"error": msg, "detail": msg}
     m = _FIELD.match(msg) if field else None
-    if m:
-        from ..training.config import FIELDS
-        key = next(g for g in m.groups() if g).replace("-", "_")
-        if key in FIELDS:
+    key = next(g for g in m.groups() if g).replace("-", "_") if m else None
+    if field and key is None:
+        key = next((k for phrase, k in _PHRASES if msg.startswith(phrase)), None)
+    if key is not None:
+        from ..training.config import FIELDS, config_class
+        if key in FIELDS or key in {f.name for f in dataclasses.fields(config_class("hypernetwork"))}:
             body["field"] = key
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -56,8 +64,10 @@ def create_app(state) -> FastAPI:
                               "/api/v1, A1111-compatible routes under /sdapi/v1.")
     app.state.ti = state
     s = state.settings
+    public = {"/"} | {f"/static/web/{p.name}" for p in WEB.iterdir() if p.is_file()}
     app.add_middleware(Guard, token=s.token, body_limit=s.max_body_mb << 20,
-                       upload_limit=(s.max_upload_mb << 20) + (1 << 20), upload_prefix="/api/v1/datasets/")
+                       upload_limit=(s.max_upload_mb << 20) + (1 << 20), upload_prefix="/api/v1/datasets/",
+                       public=frozenset(public))
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
@@ -97,6 +107,6 @@ def create_app(state) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def index():
-        return RedirectResponse("/docs")
+        return FileResponse(WEB / "index.html", media_type="text/html")
 
     return app

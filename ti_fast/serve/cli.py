@@ -149,7 +149,7 @@ def run_server(state, sock: socket.socket) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     info = state.model_info
-    state.say(f"ti-fast serve: listening on http://{shown}:{port}/ (API page /docs) - model "
+    state.say(f"ti-fast serve: listening on http://{shown}:{port}/ (web page /, API page /docs) - model "
               f"{info.name if info else state.settings.model}, home {state.home.root}, "
               f"{'token required' if state.settings.token else 'loopback only, no token'}")
     server.run(sockets=[sock])

@@ -8,9 +8,10 @@ ASGI middleware, so streams and uploads pass through it unbuffered).
   localhost): a DNS-rebinding page reaches it under its own host name -> 403. With or without a
   token, a request whose Origin is not the server's own (or whose Sec-Fetch-Site is cross-site)
   -> 403: no other site may drive it from a browser, and no CORS header is ever sent.
-- With a token every route but the login needs it: `Authorization: Bearer T`, HTTP Basic with T
-  as the password (any user name: A1111's --api-auth clients), or the HttpOnly SameSite=Strict
-  cookie the login route sets. Never in a URL. Compared in constant time.
+- With a token every route but the public ones needs it (the login route and the web page's own
+  HTML/CSS/JS, which hold no data: the page then asks for the token): `Authorization: Bearer T`,
+  HTTP Basic with T as the password (any user name: A1111's --api-auth clients), or the HttpOnly
+  SameSite=Strict cookie the login route sets. Never in a URL. Compared in constant time.
 - Bodies: Content-Length over the limit -> 413 at once; a chunked body is counted as it arrives.
 """
 from __future__ import annotations
@@ -74,8 +75,10 @@ def host_of(value: str) -> str:
 
 
 class Guard:
-    def __init__(self, app, *, token: str | None, body_limit: int, upload_limit: int, upload_prefix: str):
+    def __init__(self, app, *, token: str | None, body_limit: int, upload_limit: int, upload_prefix: str,
+                 public: frozenset = frozenset()):
         self.app, self.token = app, token
+        self.public = frozenset(public) | {LOGIN_PATH}      # exact paths answered without the token
         self.body_limit, self.upload_limit, self.upload_prefix = body_limit, upload_limit, upload_prefix
 
     async def __call__(self, scope, receive, send):
@@ -139,7 +142,7 @@ class Guard:
             return 403, "Origin null: requests from sandboxed or file pages are refused", []
         if headers.get("sec-fetch-site") == "cross-site":
             return 403, "cross-site request refused", []
-        if self.token is not None and path != LOGIN_PATH and not token_ok(headers, self.token):
+        if self.token is not None and path not in self.public and not token_ok(headers, self.token):
             # a browser opening a page gets the Basic prompt; scripts (fetch/XHR) just the 401
             navigate = headers.get("sec-fetch-mode", "navigate") == "navigate"
             challenge = b'Basic realm="ti-fast", charset="UTF-8"' if navigate else b'Bearer realm="ti-fast"'
