@@ -101,3 +101,21 @@ def test_sd_model_without_tokenizer_uses_bpe(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="49408 tokens but the text encoder's table has 819"):
         load_model(d)
     assert len(load_model(d, tokenizer=tmp_path / "tok").tokenizer) == TINY_VOCAB_SIZE
+
+
+TEXTS = ["a photo of a cat", "", "  Hello,   WORLD!! ", "naïve café résumé", "it's 1999; don't stop",
+         "(masterpiece:1.2), [blurry], <lora:x:1>", "emoji 🙂 and 漢字", "ringringring zzzzqqqq", "a\tb\nc"]
+
+
+def test_create_s_light_tokenizer_equals_transformers(sd_tok_dir, tmp_path):
+    """clip_token_ids (tokenizers alone, for `ti-fast create`) gives exactly transformers'
+    CLIPTokenizer ids, on SD's real BPE and on the tiny one."""
+    from ti_fast.loading.tiny import write_tiny_tokenizer
+    tiny = tmp_path / "tiny"
+    write_tiny_tokenizer(tiny)
+    for folder in (sd_tok_dir, tiny):
+        ref = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        for text in TEXTS:
+            ids, size = T.clip_token_ids(folder, text)
+            assert ids == ref(text, add_special_tokens=False)["input_ids"], (folder, text)
+            assert size == len(ref)

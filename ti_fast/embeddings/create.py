@@ -70,7 +70,8 @@ def create_embedding_file(name: str, model, out_dir="embeddings", init_text: str
     """Writes OUT_DIR/NAME.pt: a fresh A1111 embedding at step 0 from `model`'s token table.
     Every check that needs no model comes first (name, vector count, existing output, output
     folder); then only the token table and the tokenizer are read, never the whole model."""
-    from ti_fast.loading.tokenizer import tokenizer_for
+    from ti_fast.loading.errors import ModelLoadError
+    from ti_fast.loading.tokenizer import SD_VOCAB_SIZE, clip_token_ids, tokenizer_folder, tokenizer_for
     from ti_fast.loading.tokens import read_token_table
     name = sanitize_name(name)
     if not 1 <= int(vectors) <= MAX_VECTORS:
@@ -80,6 +81,14 @@ def create_embedding_file(name: str, model, out_dir="embeddings", init_text: str
         raise EmbeddingError(f"{path} exists (pass --overwrite to replace it)")
     check_writable_dir(out_dir, "--out")
     tt = read_token_table(model)
-    tok, _ = tokenizer_for(tokenizer, tt.model_dir, tt.rows, tt.file)
-    ids = tok(init_text, add_special_tokens=False)["input_ids"]
+    found = None if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
+        tokenizer_folder(tt.model_dir, tokenizer)
+    if found is not None:                    # a local folder: no transformers import (a second saved)
+        ids, size = clip_token_ids(found[0], init_text, SD_VOCAB_SIZE if tt.rows >= SD_VOCAB_SIZE else 514)
+        if size > tt.rows:
+            raise ModelLoadError(f"{Path(tt.file).name}: tokenizer from {found[1]} has {size} tokens but the text "
+                                 f"encoder's table has {tt.rows} rows: pass the model's own tokenizer (--tokenizer DIR)")
+    else:
+        tok, _ = tokenizer_for(tokenizer, tt.model_dir, tt.rows, tt.file)
+        ids = tok(init_text, add_special_tokens=False)["input_ids"]
     return save_pt(Embedding(name=name, vectors=init_vectors(tt.table, ids, int(vectors)), step=0), path)

@@ -243,29 +243,33 @@ def _hf_cache_folder() -> Path | None:
     return None
 
 
-def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_SIZE):
-    """Find SD's tokenizer. Order: an explicit `tokenizer` folder, the model's own tokenizer/
-    folder, the local HF cache of openai/clip-vit-large-patch14, OpenAI's BPE file from an
-    installed clip-anytorch/open_clip (built once into the ti-fast cache), a download when
-    online; else a ModelLoadError saying how to provide one. Returns (tokenizer, source)."""
+def tokenizer_folder(model_dir=None, tokenizer=None) -> tuple[Path, str] | None:
+    """The local folder (vocab.json + merges.txt) of SD's tokenizer, and its source's name: an
+    explicit `tokenizer` folder, the model's own tokenizer/ folder, the local HF cache of
+    openai/clip-vit-large-patch14, or OpenAI's BPE file from an installed clip-anytorch/open_clip
+    (built once into the ti-fast cache). None: only a download could provide one."""
     if tokenizer is not None:
-        return load_tokenizer_dir(tokenizer, min_size), str(tokenizer)
+        return Path(tokenizer), str(tokenizer)
     if model_dir is not None and (Path(model_dir) / "tokenizer" / "vocab.json").is_file():
-        src = Path(model_dir) / "tokenizer"
-        return load_tokenizer_dir(src, min_size), str(src)
+        return Path(model_dir) / "tokenizer", str(Path(model_dir) / "tokenizer")
     cached = _hf_cache_folder()
     if cached is not None:
-        try:
-            return load_tokenizer_dir(cached, min_size), f"hf-cache:{HF_CLIP_REPO}"
-        except ModelLoadError:
-            pass
+        return cached, f"hf-cache:{HF_CLIP_REPO}"
     built = cache_dir() / "tokenizer"
-    if (built / "vocab.json").is_file():
-        return load_tokenizer_dir(built, min_size), str(built)
-    bpe = find_bpe_file()
-    if bpe is not None:
+    if not (built / "vocab.json").is_file():
+        bpe = find_bpe_file()
+        if bpe is None:
+            return None
         _build_once(bpe, built)
-        return load_tokenizer_dir(built, min_size), str(built)
+    return built, str(built)
+
+
+def resolve_tokenizer(model_dir=None, tokenizer=None, min_size: int = SD_VOCAB_SIZE):
+    """Find SD's tokenizer: tokenizer_folder's, else a download when online; else a
+    ModelLoadError saying how to provide one. Returns (tokenizer, source)."""
+    found = tokenizer_folder(model_dir, tokenizer)
+    if found is not None:
+        return load_tokenizer_dir(found[0], min_size), found[1]
     if not _offline() and hub_answers():
         from transformers import CLIPTokenizer
         try:
@@ -290,3 +294,33 @@ def tokenizer_for(tokenizer, model_dir, rows: int, where):
         raise ModelLoadError(f"{Path(where).name}: tokenizer from {src} has {len(tok)} tokens but the text "
                              f"encoder's table has {rows} rows: pass the model's own tokenizer (--tokenizer DIR)")
     return tok, src
+
+
+def clip_token_ids(folder, text: str, min_size: int = 512 + 2) -> tuple[list[int], int]:
+    """(ids of `text` without BOS/EOS, vocabulary size) from a tokenizer folder, with the
+    `tokenizers` library alone: the very BPE that transformers' CLIPTokenizer wraps (same model,
+    normaliser and pre-tokeniser, tests/test_tokenizer.py compares them), without importing
+    transformers (over a second), for `ti-fast create`, which tokenizes one init text."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    folder = Path(folder)
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(ln.split()) for ln in lines if ln.strip() and not ln.startswith("#version")]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                            end_of_word_suffix="</w>", fuse_unk=False, unk_token=EOS))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelLoadError(f"{folder}: not a usable CLIP tokenizer ({type(e).__name__}: {first}); "
+                             "pass a folder with a valid vocab.json + merges.txt") from None
+    if len(vocab) < min_size or vocab.get(EOS) != len(vocab) - 1:
+        raise ModelLoadError(f"tokenizer from {folder} has {len(vocab)} tokens (need >= {min_size}, "
+                             f"{EOS} last): missing or broken vocab.json/merges.txt")
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+                                   r"""[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tok.encode(text, add_special_tokens=False).ids, len(vocab)
