@@ -6,13 +6,14 @@ inside the UNet: `attach` points the UNet's attention hooks at it.
 """
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..fsutil import atomic_path
+from ..fsutil import atomic_write_bytes
 from .module import HypernetworkModule, Structure
 
 # Seeds of the recompute-safe dropout stay below 2**31 (see module.hash_uniform).
@@ -136,9 +137,9 @@ class Hypernetwork(nn.Module):
         if sd_checkpoint_name is not None:
             self.sd_checkpoint_name = sd_checkpoint_name
         path = Path(path)
-        data = self.to_file_dict()
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
+        buf = io.BytesIO()                  # serialised in memory, then one atomic write: a full
+        torch.save(self.to_file_dict(), buf)  # disk is an OSError naming the file (DiskFullError)
+        atomic_write_bytes(path, buf.getvalue())
         self.path = path
         return path
 

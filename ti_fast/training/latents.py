@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from ..fsutil import atomic_path
+from ..fsutil import atomic_write_bytes
 from ..loading.hashes import sha256_file
 from ..models.vae import LATENT_SCALE
 
@@ -124,8 +124,8 @@ def _store(path: Path, lat: CachedLatent) -> None:
     d = {"mean": lat.mean.float().cpu().contiguous()}
     if lat.std is not None:
         d["std"] = lat.std.float().cpu().contiguous()
-    with atomic_path(path) as tmp:
-        save_file(d, str(tmp))
+    # serialised in memory, then one atomic write: a full disk is an OSError naming the file
+    atomic_write_bytes(path, save(d))
 
 
 # ----------------------------------------------------------------------------- --latents random
