@@ -109,18 +109,14 @@ if has tiny; then
   timeout 60 python3 -m bench.train_throughput --tiny --device cuda --out "$OUT/tiny" > "$OUT/bench_tiny.log" 2>&1
   echo "tiny bench exit $?"; grep -v '^{' "$OUT/bench_tiny.log" | tail -25
 fi
-if has hypernetwork; then
-  stamp "bench --hypernetwork"
-  timeout ${TI_FAST_HN_TIMEOUT:-200} python3 -m bench.train_throughput --hypernetwork > "$OUT/bench_hypernetwork.log" 2>&1
-  echo "hypernetwork bench exit $?"; grep -v '^{' "$OUT/bench_hypernetwork.log" | tail -20
-  latest=$(tail -n 1 "$OUT/bench_hypernetwork.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
+# a bench.train_throughput mode: its table, and a copy of its results file in $OUT
+bench_mode() {   # bench_mode NAME TIMEOUT FLAG
+  stamp "bench $3"
+  timeout "$2" python3 -m bench.train_throughput "$3" > "$OUT/bench_$1.log" 2>&1
+  echo "$1 bench exit $?"; grep -v '^{' "$OUT/bench_$1.log" | tail -20
+  latest=$(tail -n 1 "$OUT/bench_$1.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
   [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
-fi
-if has runs; then
-  stamp "bench --runs"
-  timeout ${TI_FAST_RUNS_TIMEOUT:-200} python3 -m bench.train_throughput --runs > "$OUT/bench_runs.log" 2>&1
-  echo "runs bench exit $?"; grep -v '^{' "$OUT/bench_runs.log" | tail -12
-  latest=$(tail -n 1 "$OUT/bench_runs.log" | python3 -c "import json, sys; print(json.loads(sys.stdin.read()).get('results_file', ''))" 2>/dev/null)
-  [ -n "$latest" ] && cp "$latest" "$OUT/" && echo "results: $latest (copy in \$OUT)"
-fi
+}
+has hypernetwork && bench_mode hypernetwork "${TI_FAST_HN_TIMEOUT:-200}" --hypernetwork
+has runs && bench_mode runs "${TI_FAST_RUNS_TIMEOUT:-200}" --runs
 stamp "done"
