@@ -359,6 +359,19 @@ def test_kill_9_inside_the_final_save(server, tiny_single, tmp_path, reference, 
     same_as_reference(tmp_path, reference)    # ... and the run is as if nothing had happened
 
 
+def test_kill_9_inside_a_periodic_copy_leaves_no_temp_after_the_next_run(server, tiny_single, tmp_path):
+    """A run killed while writing LOG/embeddings/NAME-STEP.pt leaves its temp file; the next run
+    on that log folder (it holds the lock) removes it."""
+    child = Child(server, tmp_path, argv(tiny_single, tmp_path, "--save-every", "2"), kill_at="embeddings/tok-2.pt")
+    rc, out = child.finish()
+    assert rc == -signal.SIGKILL, out
+    assert list((tmp_path / "log" / "embeddings").glob(".tok-2.pt.*.tmp"))     # killed mid-write
+    res = train(quick_config(tiny_single, tmp_path, steps=N, save_every=2, overwrite=True))
+    assert res.status == "completed"
+    assert (tmp_path / "log" / "embeddings" / "tok-2.pt").is_file()
+    clean_files(tmp_path)
+
+
 def test_kill_9_between_pt_and_safetensors_and_the_lock(server, tiny_single, tmp_path, reference, capsys):
     """kill -9 from outside while the first segment's final save stands between NAME.pt (written)
     and NAME.safetensors (not yet); meanwhile a second trainer on the same log folder is refused,

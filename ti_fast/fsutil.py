@@ -60,6 +60,22 @@ def remove_temps(path) -> None:
                 pass
 
 
+def remove_run_temps(folder, name: str) -> None:
+    """Delete the temporary files that atomic_path left in `folder` for files named NAME-... or
+    NAME.* (a run's periodic copies, previews and image embeddings) when its process was killed
+    mid-write. Only for a folder this process owns, e.g. under its log folder's lock."""
+    folder = Path(folder)
+    if kind_of(folder) != "folder":
+        return
+    for pattern in (f".{glob.escape(name)}-*.tmp", f".{glob.escape(name)}.*.tmp"):
+        for tmp in folder.glob(pattern):
+            if kind_of(tmp) == "file" and not tmp.is_symlink():
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+
+
 def umask() -> int:
     """The process umask, read without changing it where Linux allows (os.umask can only be read
     by setting it, which races with other threads writing files)."""

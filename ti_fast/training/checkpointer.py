@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..errors import NonFiniteLossError
-from ..fsutil import disk_full_error, is_disk_full, remove_temps
+from ..fsutil import disk_full_error, is_disk_full, remove_run_temps, remove_temps
 from .outputs import LossLog, plot_loss, save_state
 
 
@@ -79,6 +79,8 @@ class Checkpointer:
         for path in (self.plan.state_path, self.loss_log.path, self.loss_log.path.with_suffix(".png"),
                      self.plan.log_dir / "settings.json", self.plan.pt_path, self.plan.st_path):
             remove_temps(path)
+        for sub in ("embeddings", "hypernetworks", "images", "image_embeddings"):
+            remove_run_temps(self.plan.log_dir / sub, self.plan.name)
         self.good = self.snapshot(step)
 
     # ------------------------------------------------------------------ per step
