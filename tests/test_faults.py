@@ -555,6 +555,14 @@ def test_resume_refuses_a_new_shape_and_lists_other_changes(tiny_single, tiny_di
                         (["--model", str(tiny_diffusers)], "model")):
         rc, lines = run_cli(argv(tiny_single, tmp_path, "--resume", *extra), capsys)
         assert rc == 2 and len(lines) == 1 and word in lines[0] and "--log-dir" in lines[0], lines
+    # a single-file model is compared by its hash: a copy with one byte changed is refused ...
+    changed = tmp_path / "changed"              # a make-tiny folder: model.safetensors + tokenizer/
+    shutil.copytree(tiny_single, changed)
+    data = bytearray((changed / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (changed / "model.safetensors").write_bytes(bytes(data))
+    rc, lines = run_cli(argv(tiny_single, tmp_path, "--resume", "--model", str(changed)), capsys)
+    assert rc == 2 and len(lines) == 1 and "hash" in lines[0] and "--log-dir" in lines[0], lines
     d = torch.load(state, weights_only=True)
     d["kind"] = "hypernetwork"          # what is trained changed
     torch.save(d, state)
@@ -578,4 +586,10 @@ def test_resume_refuses_a_new_shape_and_lists_other_changes(tiny_single, tiny_di
         assert g["config"]["cuda_graph"] is True and g["ran"]["cuda_graph"] is False
         assert g["ran"]["device"] == "cpu"
     assert agreed_step(tmp_path) == 4
+    # ... and a moved copy of the same model resumes, saying so
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_single, moved)
+    rc, lines = run_cli([a for a in argv(moved, tmp_path, "--resume", steps=5) if a != "--quiet"], capsys)
+    assert rc == 0 and any("same model at a new path" in ln for ln in lines), lines
+    assert agreed_step(tmp_path) == 5
     clean_files(tmp_path)

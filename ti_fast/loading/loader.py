@@ -300,6 +300,17 @@ def _load_vae(path: Path, model_cfg: VAEConfig, device, dtype) -> tuple[VAE, VAE
 
 
 # ---------------------------------------------------------------- public entry point
+def single_model_file(path) -> Path | None:
+    """The one weight file of a single-file model or of a make-tiny folder (model.safetensors +
+    tokenizer/); None for a diffusers folder or anything else. Reads no file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return None
+        path = path / "model.safetensors"
+    return path if path.is_file() else None
+
+
 def load_model(path, *, device="cpu", dtype=torch.float32, vae=None, tokenizer=None, use_ema=False) -> SDModel:
     """Load an SD 1.x model: single .safetensors/.ckpt file, diffusers folder, or make-tiny
     folder. vae: separate VAE file/folder. tokenizer: folder (vocab.json + merges.txt) or a
@@ -336,4 +347,4 @@ def load_model(path, *, device="cpu", dtype=torch.float32, vae=None, tokenizer=N
     return SDModel(parts["unet"], parts["vae"], parts["clip"], tok, info)
 
 
-__all__ = ["load_model", "SDModel", "ModelInfo", "ModelLoadError"]
+__all__ = ["load_model", "single_model_file", "SDModel", "ModelInfo", "ModelLoadError"]

@@ -24,6 +24,8 @@ from ..errors import ConfigError
 from ..fsutil import check_writable_dir, kind_of, special_reason
 from ..hypernetworks import sanitize_name as sanitize_hypernetwork_name
 from ..images import caption_for
+from ..loading.hashes import file_sha256
+from ..loading.loader import single_model_file
 from ..models.attention import BACKENDS as ATTENTION
 from ..models.ops import CHOICES as KERNELS
 from .config import LATENT_MODES, OPTIMIZERS, RESIZE_MODES, TrainConfig
@@ -237,8 +239,9 @@ def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start, hp: 
         vectors = start.vectors.shape[0] if start is not None else cfg.vectors
         if state["vectors"].shape[0] != vectors:
             shape.append(f"{state['vectors'].shape[0]} vectors (now {vectors})")
-    if prev.get("model") and _same_path(prev["model"]) != _same_path(cfg.model):
-        shape.append(f"model {prev['model']} (now {cfg.model})")
+    model_change, moved = _model_change(prev.get("model"), (last or {}).get("model"), cfg.model)
+    if model_change:
+        shape.append(model_change)
     if shape:
         raise ConfigError(f"--resume: the run in {state_path.parent} was trained with {'; '.join(shape)}; "
                           "resume it with its own settings, or start a new run in another --log-dir")
@@ -246,7 +249,33 @@ def _state_for_resume(cfg: TrainConfig, state_path: Path, name: str, start, hp: 
     changed = [k for k, v in cfg.to_dict().items() if k in prev and k not in ignore and prev[k] != v]
     notes = ["ti-fast: resuming with changed settings: " + ", ".join(
         f"--{k.replace('_', '-')} {prev[k]!r} -> {getattr(cfg, k)!r}" for k in changed)] if changed else []
+    if moved:
+        notes.append(f"ti-fast: resuming on the same model at a new path ({moved})")
     return state, notes, hp
+
+
+def _model_change(old, recorded, model) -> tuple[str | None, str | None]:
+    """Whether a resumed run's model is the one it was trained on: (why not, or None; how it
+    moved, or None). A single-file model is compared by its A1111 hash where settings.json
+    recorded one, so a moved or renamed copy (or make-tiny folder) resumes and a file replaced at the same path does
+    not (the hash is cached on disk: the load that follows does not hash again); a folder, or
+    settings without a hash, by its path."""
+    if not old:
+        return None, None
+    was = recorded.get("hash") if isinstance(recorded, dict) else None
+    file = single_model_file(str(model))
+    if isinstance(was, str) and file is not None and kind_of(file) == "file":
+        try:
+            now = file_sha256(file)[:10]
+        except OSError:
+            now = None                  # unreadable: the loader names it, in one line
+        if now is not None:
+            if now != was:
+                return f"model {old} of hash {was} (now {model} of hash {now})", None
+            return None, (None if _same_path(old) == _same_path(model) else f"{old} -> {model}")
+    if _same_path(old) != _same_path(model):
+        return f"model {old} (now {model})", None
+    return None, None
 
 
 def _same_path(p) -> str:
