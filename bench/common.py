@@ -65,7 +65,7 @@ def environment(device: torch.device) -> dict:
         import triton
         triton_v = triton.__version__
     except Exception:
-        triton_v = None
+        triton_v = "not installed"
     env = {"gpu": device_name(device), "device": device.type, "torch": torch.__version__, "triton": triton_v,
            "cuda": torch.version.cuda, "python": platform.python_version(), "commit": git_commit(),
            "date": _dt.datetime.now().isoformat(timespec="seconds")}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from serve_helpers import require_serve
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -112,6 +114,7 @@ def test_a_job_saved_at_its_end_counts_as_completed(tiny_single, tmp_path):
 # ---------------------------------------------------------------------------- zips
 
 def test_zip_checks_come_before_extraction(tmp_path):
+    require_serve()                     # uploads parse multipart bodies with python-multipart
     from ti_fast.serve import uploads as U
     from ti_fast.serve.errors import HTTPRefusal, TooLarge
     limits = U.Limits(max_upload=1 << 20, max_file=1 << 19, max_files=5, max_pixels=1 << 20)
@@ -140,6 +143,7 @@ def test_zip_checks_come_before_extraction(tmp_path):
 
 
 def test_stored_names_keep_pairs_and_refuse_paths():
+    require_serve()                     # uploads parse multipart bodies with python-multipart
     from ti_fast.serve.errors import HTTPRefusal
     from ti_fast.serve.uploads import stored_name
     assert stored_name("IMG (1).jpg") == "IMG _1_.jpg" and stored_name("IMG (1).txt") == "IMG _1_.txt"

@@ -79,6 +79,7 @@ def serve(settings, *, process_settings=None, group_factory=None) -> int:
     stop. group_factory: what makes the training group (default: ti_fast.training.group.TrainGroup)."""
     from .settings import check_settings
     check_settings(settings)
+    cfg = check_process(settings.process)                # every flag first, then what is installed
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
@@ -86,7 +87,6 @@ def serve(settings, *, process_settings=None, group_factory=None) -> int:
     except ImportError as e:
         raise ConfigError(f"ti-fast serve needs the [serve] extra ({e.name} is missing): "
                           "pip install 'ti-fast[serve]'") from None
-    cfg = check_process(settings.process)
     sock = bind(settings.host, settings.port)            # a taken port fails here, before the model loads
     if process_settings is not None:
         process_settings(cfg)
