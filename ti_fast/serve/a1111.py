@@ -109,6 +109,7 @@ _HONOURED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index
              "force_task_id", "comments", "do_not_save_samples", "do_not_save_grid",
              "override_settings_restore_afterwards", "subseed", "styles"}
 _SCHEDULERS = {"automatic": None, "karras": True, "uniform": False}
+MAX_N_ITER = 100                     # A1111's "Batch count" slider stops at 100
 
 
 def txt2img_settings(body: dict, model_title: str, model_name: str) -> tuple[dict, dict, int, list[str]]:
@@ -136,7 +137,10 @@ def txt2img_settings(body: dict, model_title: str, model_name: str) -> tuple[dic
             ignored.append("scheduler Karras (DDIM uses its own timesteps)")
             karras = None
     clip_skip = 1
-    for k, val in (req.get("override_settings") or {}).items():
+    overrides = req.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise TypeError(f"override_settings must be an object of setting: value, not {type(overrides).__name__}")
+    for k, val in overrides.items():
         if k == "CLIP_stop_at_last_layers":
             clip_skip = int(val)
         elif k == "sd_model_checkpoint" and _names_model(str(val), model_title, model_name):
@@ -145,11 +149,15 @@ def txt2img_settings(body: dict, model_title: str, model_name: str) -> tuple[dic
             ignored.append(f"override_settings.{k}")
     seed = int(req["seed"])
     seed = seed if seed >= 0 else random.SystemRandom().randrange(2**32)
+    req["subseed"] = int(req.get("subseed", -1))          # checked here: the answer's info reads it after generating
     gen = {"prompt": str(req["prompt"] or ""), "negative_prompt": str(req["negative_prompt"] or ""),
            "sampler": sampler, "karras": karras, "steps": int(req["steps"]), "cfg": float(req["cfg_scale"]),
            "seed": seed, "width": int(req["width"]), "height": int(req["height"]), "batch": int(req["batch_size"]),
            "clip_skip": clip_skip}
-    return gen, req, max(1, int(req["n_iter"])), ignored
+    n_iter = max(1, int(req["n_iter"]))
+    if n_iter > MAX_N_ITER:          # each batch holds the worker (and the training jobs) until it is done
+        raise ValueError(f"n_iter {n_iter}: at most {MAX_N_ITER} (A1111's batch count limit)")
+    return gen, req, n_iter, ignored
 
 
 def _names_model(value: str, title: str, name: str) -> bool:
@@ -160,7 +168,7 @@ def _names_model(value: str, title: str, name: str) -> bool:
 def txt2img_info(req: dict, gen: dict, seeds: list[int], infotexts: list[str], model_info, label: str,
                  ignored: list[str], timestamp: str) -> str:
     """Processed.js(): the JSON string A1111 answers in `info` (its keys), plus `ignored`."""
-    sub = int(req.get("subseed", -1))
+    sub = req["subseed"]
     sub = sub if sub >= 0 else random.SystemRandom().randrange(2**32)
     obj = {"prompt": gen["prompt"], "all_prompts": [gen["prompt"]] * len(seeds),
            "negative_prompt": gen["negative_prompt"], "all_negative_prompts": [gen["negative_prompt"]] * len(seeds),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from . import uploads as U
 from .errors import Conflict, HTTPRefusal, NotFound
-from .jobs import LIBRARY, can_train
+from .jobs import LIBRARY
 from .security import COOKIE, session_value
 from .settings import PROCESS_KEYS
 from .store import ACTIVE
@@ -130,7 +130,7 @@ def router(state) -> APIRouter:
         info = state.model_info
         return {"version": __version__, "model": {"name": info.name, "hash": info.hash} if info else None,
                 "worker": state.worker.status(), "max_running": settings.max_running,
-                "token_required": settings.token is not None, "can_train": {k: can_train(k) for k in LIBRARY},
+                "token_required": settings.token is not None,
                 "limits": {"upload_mb": settings.max_upload_mb, "file_mb": settings.max_file_mb,
                            "files": settings.max_files, "body_mb": settings.max_body_mb}}
 

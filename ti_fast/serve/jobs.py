@@ -32,11 +32,6 @@ PATH_KEYS = {"data": ("datasets", "folder"), "embedding": ("embeddings", "file")
              "hypernetwork": ("hypernetworks", "file"), "log_dir": ("logs", None), "cache_dir": ("cache", None)}
 
 
-def can_train(kind: str) -> bool:
-    """What the trainer trains: embeddings and hypernetworks."""
-    return kind in KINDS
-
-
 def _fields(kind: str) -> dict:
     return {f.name: f for f in dataclasses.fields(config_class(kind))}
 
@@ -46,8 +41,6 @@ def run_settings(home: Home, kind: str, raw, job_id: str) -> dict:
     naming the key for a process-wide key, an unknown key, a wrong type or a path outside HOME."""
     if kind not in KINDS:
         raise HTTPRefusal(f"kind {kind!r}: choose embedding or hypernetwork")
-    if not can_train(kind):
-        raise HTTPRefusal("kind hypernetwork: this ti-fast cannot train hypernetworks yet")
     if not isinstance(raw, dict):
         raise HTTPRefusal("config: expected an object of TrainConfig keys, e.g. {\"name\": \"mycat\", \"data\": \"cats\"}")
     out = {}
@@ -185,4 +178,4 @@ def public(job: dict, home: Home) -> dict:
 
 
 __all__ = ["KINDS", "LIBRARY", "run_settings", "train_config", "check_run", "check_conflicts", "resumable",
-           "public", "output_files", "can_train", "ConfigError"]
+           "public", "output_files", "ConfigError"]

@@ -81,7 +81,7 @@ async function boot() {
     page.parts = { jobs, generate, train, library };
   }
   const { jobs, generate, train, library } = page.parts;
-  await Promise.all([train.init(server), generate.init(), library.refresh(), jobs.refresh()]);
+  await Promise.all([train.init(), generate.init(), library.refresh(), jobs.refresh()]);
   if (!page.timer) page.timer = setInterval(() => jobs.refresh().catch(() => null), POLL_MS);
   document.body.dataset.ready = "1";
 }

@@ -52,7 +52,7 @@ export class TrainForm {
     return $('input[name="kind"]:checked', this.form).value;
   }
 
-  async init(server) {
+  async init() {
     const [emb, hn, templates, samplers] = await Promise.all([
       api("/api/v1/train-options?kind=embedding"), api("/api/v1/train-options?kind=hypernetwork"),
       api("/api/v1/templates"), api("/api/v1/samplers")]);
@@ -61,9 +61,6 @@ export class TrainForm {
     }
     this.templates = [...templates.builtin, ...templates.files];
     this.samplerLabels = Object.fromEntries(samplers.map((s) => [s.key, s.label]));
-    for (const r of $$('input[name="kind"]', this.form)) {
-      r.disabled = server && server.can_train && server.can_train[r.value] === false;
-    }
     this.build();
     await this.refreshDatasets();
   }
