@@ -68,6 +68,10 @@ def ws(tmp_path_factory, tiny_single):
     runs = (f'model = "{w / "model"}"\ndata = "{w / "imgs"}"\ndevice = "cpu"\nwidth = 64\nheight = 64\n'
             f'template = "subject"\nout = "{w / "out"}"\n')
     (w / "runs-same-file.toml").write_text(runs + '[[run]]\nname = "x"\n[[run]]\nname = "x"\n')
+    (w / "runs-same-name.toml").write_text(runs + f'[[run]]\nname = "x"\nout = "{w / "out" / "a"}"\n'
+                                           f'log_dir = "{w / "log" / "a"}"\n[[run]]\nname = "x"\n'
+                                           f'out = "{w / "out" / "b"}"\nlog_dir = "{w / "log" / "b"}"\n')
+    (w / "runs-bad-value.toml").write_text(runs + '[[run]]\nname = "x"\n[[run]]\nname = "y"\nvectors = 0\n')
     (w / "runs-process-key.toml").write_text(runs + '[[run]]\nname = "x"\nprecision = "bf16"\n')
     (w / "runs-empty.toml").write_text(runs + "run = []\n")
     (w / "runs-unknown-key.toml").write_text(runs + '[[run]]\nname = "x"\nlearning_rate = 0.1\n')
@@ -247,6 +251,8 @@ CASES = [
     ("config-fifo", lambda w: _train(w, "--config", str(w / "fifo")), "FIFO"),
     # --- several runs in one file ([[run]] tables, [sweep])
     ("runs-same-file", lambda w: ["train", "--config", str(w / "runs-same-file.toml")], "both write"),
+    ("runs-same-name", lambda w: ["train", "--config", str(w / "runs-same-name.toml")], "named 'x'"),
+    ("runs-bad-value", lambda w: ["train", "--config", str(w / "runs-bad-value.toml")], "run 'y': --vectors"),
     ("runs-process-key", lambda w: ["train", "--config", str(w / "runs-process-key.toml")], "process-wide"),
     ("runs-empty", lambda w: ["train", "--config", str(w / "runs-empty.toml")], "empty"),
     ("runs-unknown-key", lambda w: ["train", "--config", str(w / "runs-unknown-key.toml")], "learning_rate"),
@@ -342,7 +348,7 @@ def test_case_ids_are_unique_and_many():
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_in_process_one_line_exit_2(ws, case, capsys, monkeypatch):
     name, argv, fragment = case
-    if name.startswith("hn-"):           # refused before the model loads: loading it would be a bug (exit 1)
+    if name.startswith(("hn-", "runs-", "sweep-")):   # refused before the model loads: loading it is a bug (exit 1)
         import ti_fast.training.group as group
         monkeypatch.setattr(group, "load_for_training", _no_model)
     before = _tree(ws, OUTPUTS)

@@ -141,3 +141,11 @@ def test_sweep_names_outputs_and_summary(tiny_single, tmp_path, capsys, monkeypa
     assert set(rows[0]) >= {"lr", "vectors", "final_loss", "best_loss", "steps", "wall_s"}
     assert "cat-lr0.02-vectors2" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "ti-logs")
+
+
+def test_sweep_columns_include_a_hypernetworks_own_settings():
+    from ti_fast.training.config import HypernetworkTrainConfig
+    from ti_fast.training.runs_config import sweep_values
+    cfgs = [HypernetworkTrainConfig(name=f"h{i}", activation=a, lr=lr)
+            for i, (a, lr) in enumerate((("relu", "1e-5"), ("tanh", "1e-5"), ("tanh", "2e-5")))]
+    assert sweep_values(cfgs) == ["lr", "activation"]

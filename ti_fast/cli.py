@@ -172,11 +172,12 @@ def train_group(runs) -> int:
     import datetime
     from pathlib import Path
     from .fsutil import atomic_write_text
-    from .training.group import train_many
+    from .training.group import naming_run, train_many
     from .training.preflight import validate
     from .training.runs_config import summary
     for cfg in runs:
-        validate(cfg)
+        with naming_run(cfg.name, len(runs) > 1):
+            validate(cfg)
     process_settings(runs[0])
     results = train_many(runs, handle_signals=True)
     text, csv_text = summary(runs, results)

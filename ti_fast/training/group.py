@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import torch
 
@@ -262,7 +263,8 @@ def train_many(configs: list[TrainConfig], *, cancel: threading.Event | None = N
         if different:
             raise ConfigError(f"run {cfg.name!r}: {', '.join('--' + k.replace('_', '-') for k in different)} "
                               "differs from the first run's; process-wide settings are shared by every run")
-        plans.append(make_plan(cfg))
+        with naming_run(cfg.name, len(configs) > 1):
+            plans.append(make_plan(cfg))
     check_distinct(plans)
     group = TrainGroup(process, handle_signals=handle_signals)
     if any(p.kind == "hypernetwork" for p in plans):
@@ -284,9 +286,22 @@ def train_many(configs: list[TrainConfig], *, cancel: threading.Event | None = N
     return [results[p.name] for p in plans]
 
 
+@contextmanager
+def naming_run(name: str, several: bool = True):
+    """A refusal about one of several runs says which run (every ConfigError takes one line)."""
+    try:
+        yield
+    except ConfigError as e:
+        if not several or str(e).startswith(f"run {name!r}"):
+            raise
+        raise type(e)(f"run {name!r}: {e}") from None
+
+
 def check_distinct(plans) -> None:
-    """Two runs writing the same file (NAME.pt, NAME.safetensors or a log folder) are refused."""
+    """Two runs of the same name (a group knows its runs by name), or writing the same file
+    (NAME.pt, NAME.safetensors or a log folder), are refused."""
     seen: dict = {}
+    names: set = set()
     for p in plans:
         for path in (p.pt_path, p.st_path, p.log_dir):
             key = path.resolve()
@@ -294,3 +309,7 @@ def check_distinct(plans) -> None:
                 raise ConfigError(f"runs {seen[key]!r} and {p.name!r} would both write {path}: give each its own "
                                   "name, out or log-dir")
             seen[key] = p.name
+        if p.name in names:
+            raise ConfigError(f"two runs are named {p.name!r}: give each its own name (a group tells its runs "
+                              "apart by name)")
+        names.add(p.name)

@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
-from .config import FIELDS, PROCESS_KEYS, TrainConfig, check_value, read_toml
+from .config import PROCESS_KEYS, TrainConfig, check_value, read_toml
 
 
 def _key(k: str) -> str:
@@ -103,8 +103,9 @@ def _label(value) -> str:
 
 def sweep_values(cfgs: list[TrainConfig]) -> list[str]:
     """The settings that differ between runs (the summary's columns)."""
-    keys = [k for k in FIELDS if k not in ("name", "log_dir") and len({repr(getattr(c, k)) for c in cfgs}) > 1]
-    return keys
+    fields = dict.fromkeys(f.name for c in cfgs for f in dataclasses.fields(c))   # a hypernetwork's too
+    return [k for k in fields if k not in ("name", "log_dir")
+            and len({repr(getattr(c, k, None)) for c in cfgs}) > 1]
 
 
 def summary(cfgs: list[TrainConfig], results) -> tuple[str, str]:
