@@ -103,3 +103,26 @@ def test_emphasised_captions_train(tiny_single, tmp_path):
         p.with_suffix(".txt").write_text("(orange ring:1.3), [background]")
     res = train(cfg)
     assert res.status == "completed" and torch.isfinite(_vec(res)).all()
+
+
+def test_progress_bar_shows_the_lr_of_the_step_it_shows(tiny_single, tmp_path, capsys, monkeypatch):
+    """The bar's `lr=` is the lr loss.csv logs for the step count the bar shows (it lagged one)."""
+    import csv
+    import re
+    import ti_fast.training.run as run
+
+    real_bar = run._bar
+
+    def every_update(plan):                  # redraw on every update, not every 0.1 s
+        bar = real_bar(plan)
+        bar.mininterval, bar.miniters = 0, 0
+        return bar
+    monkeypatch.setattr(run, "_bar", every_update)
+    train(quick_config(tiny_single, tmp_path, steps=6, quiet=False,
+                       lr="0.01:1, 0.002:2, 0.003:3, 0.004:4, 0.005:5, 0.006"))
+    shown = re.findall(r"\b(\d)/6 \[[^\]]*lr=([0-9.e+-]+)\]", capsys.readouterr().err)
+    with open(tmp_path / "log" / "loss.csv", newline="") as f:
+        logged = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert len({s for s, _ in shown}) >= 5, shown
+    for step, lr in shown:
+        assert float(lr) == logged[int(step)], (step, lr, logged)

@@ -165,9 +165,9 @@ class Run:
         """Advance the progress bar by the steps just logged, with their loss and the lr of the
         last one shown."""
         if self.bar is not None and logged:
-            self.bar.update(logged)
             lr = self.ckpt.loss_log.rows[-1][4] if self.ckpt.loss_log.rows else ""
             self.bar.set_postfix(loss=f"{self.ckpt.smooth:.4f}", lr=lr, refresh=False)
+            self.bar.update(logged)                      # redraws: the postfix must be set first
 
     # ------------------------------------------------------------------ the end
     def finish(self, status: str) -> None:
