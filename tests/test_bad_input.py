@@ -26,7 +26,7 @@ TIMEOUT_S = 30          # per case: a hang fails the test instead of stalling CI
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, tiny_single):
+def ws(tmp_path_factory, tiny_single, tiny_diffusers):
     """A workspace: images, a model, and every malformed file the cases point at."""
     w = tmp_path_factory.mktemp("bad")
     make_demo_images(w / "imgs", n=3, size=64)
@@ -37,6 +37,12 @@ def ws(tmp_path_factory, tiny_single):
     (w / "fifo-imgs").mkdir()
     os.mkfifo(w / "fifo-imgs" / "a.png")
     # models
+    shutil.copytree(tiny_diffusers, w / "diff-fifo")
+    (w / "diff-fifo" / "unet" / "config.json").unlink()
+    os.mkfifo(w / "diff-fifo" / "unet" / "config.json")
+    shutil.copytree(tiny_diffusers, w / "diff-folder")
+    (w / "diff-folder" / "vae" / "config.json").unlink()
+    (w / "diff-folder" / "vae" / "config.json").mkdir()
     (w / "garbage.safetensors").write_bytes(b"garbage")
     good = (w / "model" / "model.safetensors").read_bytes()
     (w / "truncated.safetensors").write_bytes(good[: len(good) // 2])
@@ -218,6 +224,8 @@ CASES = [
     ("data-is-fifo", lambda w: _train(w, "--data", str(w / "fifo")), "FIFO"),
     ("model-missing", lambda w: _train(w, "--model", str(w / "nope")), "--model"),
     ("model-fifo", lambda w: _train(w, "--model", str(w / "fifo")), "FIFO"),
+    ("model-diffusers-config-fifo", lambda w: _train(w, "--model", str(w / "diff-fifo")), "unet/config.json"),
+    ("model-diffusers-config-folder", lambda w: _train(w, "--model", str(w / "diff-folder")), "vae/config.json"),
     ("model-empty-folder", lambda w: _train(w, "--model", str(w / "empty")), "empty"),
     ("model-garbage", lambda w: _train(w, "--model", str(w / "garbage.safetensors")), "garbage"),
     ("model-truncated", lambda w: _train(w, "--model", str(w / "truncated.safetensors")), "truncated"),

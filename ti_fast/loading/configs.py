@@ -11,6 +11,7 @@ import functools
 import json
 from pathlib import Path
 
+from ..fsutil import kind_of
 from ..models import UNetConfig, VAEConfig, CLIPConfig
 from .errors import refuse
 
@@ -23,6 +24,10 @@ SD15_SCHEDULER = {   # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config
 
 
 def read_json(path: Path) -> dict:
+    kind = kind_of(path)
+    if kind not in ("file", "missing"):           # a FIFO would block the read forever
+        where = f"{Path(path).parent.name}/{Path(path).name}"
+        raise refuse(where, f"is a {kind}, not a regular file: a diffusers folder needs a config.json file there")
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
