@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..devices import resolve_device, resolve_precision
+from ..devices import resolve_precision
 from ..errors import ConfigError
 from ..loading import load_model
 from ..models.attention import set_attention_backend
 from ..models.ops import set_kernels
 from .accel import prepare_unet
 from .lowvram import checkpoint_blocks
+from .preflight import check_device
 
 
 @dataclass
@@ -28,11 +29,7 @@ class TrainModel:
 
 def load_for_training(cfg, say=print) -> TrainModel:
     """Load `cfg.model` and prepare it for a run with `cfg`'s settings."""
-    device = resolve_device(cfg.device)
-    if cfg.offload and device.type != "cuda":
-        raise ConfigError("--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
-    if cfg.kernels == "triton" and device.type != "cuda":
-        raise ConfigError("--kernels triton needs a CUDA device (use --kernels torch or auto)")
+    device = check_device(cfg)
     dtype = resolve_precision(cfg.precision, device)
     say(f"ti-fast: loading {cfg.model} on {device} ({str(dtype).replace('torch.', '')})")
     # --offload: load on the CPU, move all but the UNet (its blocks stream, see prepare_unet)

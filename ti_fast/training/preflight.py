@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..devices import PRECISIONS, check_device_name
+from ..devices import PRECISIONS, check_device_name, resolve_device, resolve_precision
 from ..diffusion.samplers import sampler_key
 from ..embeddings import MAX_VECTORS, Embedding, read_embedding, sanitize_name
 from ..errors import ConfigError
@@ -26,7 +26,7 @@ from ..hypernetworks import sanitize_name as sanitize_hypernetwork_name
 from ..images import caption_for
 from ..loading.hashes import file_sha256
 from ..loading.loader import single_model_file
-from ..models.attention import BACKENDS as ATTENTION
+from ..models.attention import BACKENDS as ATTENTION, resolve_backend
 from ..models.ops import CHOICES as KERNELS
 from .config import LATENT_MODES, OPTIMIZERS, RESIZE_MODES, TrainConfig
 from .data import list_images
@@ -282,6 +282,20 @@ def _same_path(p) -> str:
     return str(Path(str(p)).expanduser().resolve())
 
 
+def check_device(cfg: TrainConfig):
+    """The device, and that what the settings ask of it can run there (--offload, --kernels
+    triton, --attention xformers/triton need CUDA; the precision must be one it has). Before the
+    model loads; the trainer's model loader asks again for the process-wide settings it gets."""
+    device = resolve_device(cfg.device)
+    if cfg.offload and device.type != "cuda":
+        raise ConfigError("--offload needs a CUDA device (it streams the UNet's weights to the GPU)")
+    if cfg.kernels == "triton" and device.type != "cuda":
+        raise ConfigError("--kernels triton needs a CUDA device (use --kernels torch or auto)")
+    resolve_backend(cfg.attention, device, verbose=False)
+    resolve_precision(cfg.precision, device)
+    return device
+
+
 def plan(cfg: TrainConfig, warn=None) -> Plan:
     """validate(cfg), then every check that reads only small files; the run's Plan. `warn`
     receives one line per skipped image file (FIFOs and the like)."""
@@ -298,6 +312,7 @@ def plan(cfg: TrainConfig, warn=None) -> Plan:
         _check_input_path(cfg.vae, "--vae", "file")
     if cfg.tokenizer:
         _check_input_path(cfg.tokenizer, "--tokenizer", "folder")
+    check_device(cfg)
     hp = hypernetwork_plan(cfg, start) if hyper else None      # the model's widths from its header
     out_dir = check_writable_dir(cfg.out, "--out")
     log_dir = check_writable_dir(cfg.log_dir if cfg.log_dir else Path("ti-logs") / name, "--log-dir")
