@@ -202,6 +202,10 @@ CASES = [
     ("offload-cpu", lambda w: _train(w, "--offload"), "--offload"),
     ("kernels-triton-cpu", lambda w: _train(w, "--kernels", "triton"), "--kernels"),
     ("attention-xformers-cpu", lambda w: _train(w, "--attention", "xformers"), "xformers"),
+    # /proc: os.access says writable to root, but no folder can be made there
+    ("out-in-proc", lambda w: _train(w, "--out", "/proc/ti-fast-out"), "--out"),
+    ("log-dir-in-proc", lambda w: _train(w, "--log-dir", "/proc/ti-fast-log"), "--log-dir"),
+    ("cache-dir-in-proc", lambda w: _train(w, "--cache-dir", "/proc/ti-fast-cache"), "--cache-dir"),
     # --- names
     ("name-empty", lambda w: _train(w, "--name", ""), "name"),
     ("name-only-symbols", lambda w: _train(w, "--name", "///"), "name"),

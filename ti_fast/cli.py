@@ -221,9 +221,9 @@ def process_settings(cfg) -> None:
 
 
 def cmd_make_tiny(a) -> int:
-    from .fsutil import check_writable_dir
+    from .fsutil import check_writable_dir, make_dir
     from .loading import make_tiny
-    check_writable_dir(a.out_dir, "make-tiny DIR")
+    make_dir(check_writable_dir(a.out_dir, "make-tiny DIR"), "make-tiny DIR")
     path = make_tiny(a.out_dir, layout=a.layout, seed=a.seed)
     print(path)
     return 0

@@ -150,6 +150,18 @@ def require_file(path, what: str = "file") -> Path:
     return Path(path)
 
 
+def make_dir(path, flag: str) -> Path:
+    """Create a folder (and its parents) named by `flag`; a place where it cannot be made (a
+    read-only or virtual file system such as /proc, which os.access cannot tell for root) is a
+    FileKindError naming the flag, not a traceback."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileKindError(f"{flag} {p}: cannot be created ({e.strerror or e}): choose another folder") from None
+    return p
+
+
 def check_writable_dir(path, flag: str) -> Path:
     """A folder that exists and is writable, or that can be created (its nearest existing
     ancestor is a writable folder). Refuses files, special files and read-only places before

@@ -63,7 +63,7 @@ def add_hypernetwork_parsers(sub) -> None:
 
 
 def cmd_create_hypernetwork(a) -> int:
-    from ..fsutil import check_writable_dir
+    from ..fsutil import check_writable_dir, make_dir
     from .create import check_widths, model_widths, new_hypernetwork, options_structure, sanitize_name
     from .format import HypernetworkError
     try:
@@ -76,7 +76,7 @@ def cmd_create_hypernetwork(a) -> int:
         widths = model_widths(a.model)
         sizes = check_widths(sizes, widths) if sizes is not None else widths
         hn = new_hypernetwork(name, sizes, structure, seed=a.seed)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "--out")
         hn.save(path)
     except UserError as e:
         print(f"ti-fast: error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from ..diffusion import samplers as S
 from ..diffusion.conditioning import grey_latent, inpaint_concat
 from ..diffusion.sampling import MAX_SIDE, check_fits, sample_images, to_pil
 from ..errors import ConfigError
-from ..fsutil import check_writable_dir, special_reason
+from ..fsutil import check_writable_dir, make_dir, special_reason
 from ..infotext import VERSION, make_infotext, write_png_with_infotext
 from ..prompt import PromptTokenizer
 
@@ -130,6 +130,7 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     for tag in plan.ignored:
         say(f"ti-fast: {tag.text} removed from the prompt and not applied (ti-fast applies hypernet tags only)")
     _check_hypernetwork_widths(plan.hypernetworks, cfg.model, model)
+    make_dir(cfg.out, "--out")           # made now: a place that cannot hold it fails before sampling
     dev = resolve_device(cfg.device)
     if model is None:
         model = load_model(cfg.model, device=dev, dtype=resolve_precision(cfg.precision, dev),
@@ -150,8 +151,7 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
                                 height=cfg.height, clip_skip=cfg.clip_skip, c_concat=c_concat)
     used = used_embeddings(ptok, plan.prompt, plan.negative_prompt)
     ti_hashes = {n: lib[n].shorthash for n in used if lib[n].shorthash}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out).expanduser()
     idx = next_index(out)
     pils, paths, infos = to_pil(imgs), [], []
     for i, (img, s) in enumerate(zip(pils, seeds)):

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fsutil import make_dir
 
 try:
     import fcntl
@@ -74,7 +75,7 @@ class RunLock:
     def __init__(self, log_dir: Path):
         self.path = Path(log_dir) / ".lock"
         self.fd = None
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        make_dir(log_dir, "--log-dir")
         if fcntl is None:
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -89,6 +90,20 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+
+    @classmethod
+    def for_plan(cls, plan) -> "RunLock":
+        """Create the run's folders (--out, --log-dir, --cache-dir: a place that cannot hold one
+        is refused here, before the model loads, not at the first save) and lock the log folder."""
+        lock = cls(plan.log_dir)          # first: a refused second trainer creates nothing
+        try:
+            make_dir(plan.out_dir, "--out")
+            if plan.cfg.cache_dir:
+                make_dir(plan.cfg.cache_dir, "--cache-dir")
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def release(self) -> None:
         if self.fd is not None:

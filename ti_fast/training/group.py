@@ -81,7 +81,7 @@ class TrainGroup:
             if kinds and (plan.kind == "hypernetwork" or "hypernetwork" in kinds):
                 raise ConfigError(f"run {plan.name!r}: a hypernetwork run trains alone (its modules change the UNet "
                                   "every row sees); train it in a group of its own")
-            lock = lock or RunLock(plan.log_dir)
+            lock = lock or RunLock.for_plan(plan)
             self._pending.append((plan, callback, cancel, t_launch or time.perf_counter(), lock))
         return plan.name
 

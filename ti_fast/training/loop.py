@@ -39,7 +39,7 @@ def train(cfg: TrainConfig, *, cancel: threading.Event | None = None, callback=N
     plan = make_plan(cfg, warn=say)                         # 1. plan: every check, nothing loaded
     for note in plan.notes:
         say(note)
-    lock = RunLock(plan.log_dir)                            # a second trainer is refused now
+    lock = RunLock.for_plan(plan)                           # a second trainer is refused now
     try:
         group = TrainGroup(cfg, say=say, handle_signals=handle_signals)   # 2. model
     except BaseException:
