@@ -116,6 +116,8 @@ def _hypernetwork_files(w: Path) -> None:
     torch.save({32: ({"linear.0.weight": "not a tensor"}, {}), "layer_structure": [1, 2, 1]}, w / "hn-malformed.pt")
     blob = (w / "hn-good.pt").read_bytes()
     (w / "hn-truncated.pt").write_bytes(blob[: len(blob) // 2])
+    torch.save({**torch.load(w / "hn-good.pt", weights_only=True), "dropout_structure": [0.2, 0, 0.1]},
+               w / "hn-dropout-ends.pt")
     torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "emb"}, w / "emb32.pt")
     (w / "hn-vectors.toml").write_text("vectors = 3\n")
 
@@ -296,6 +298,9 @@ CASES = [
     ("hn-embedding-given", lambda w: _hn(w, "--hypernetwork", str(w / "emb32.pt")), "ti-fast train --embedding"),
     ("hn-given-as-embedding", lambda w: _train(w, "--embedding", str(w / "hn-good.pt")), "train-hypernetwork"),
     ("hn-malformed", lambda w: _hn(w, "--hypernetwork", str(w / "hn-malformed.pt")), "hn-malformed.pt"),
+    ("hn-file-dropout-ends", lambda w: _hn(w, "--hypernetwork", str(w / "hn-dropout-ends.pt")), "end with 0"),
+    ("hn-create-width-zero", lambda w: ["create-hypernetwork", "x", "--model", str(w / "model"), "--out",
+                                        str(w / "out"), "--layer-structure", "1,0.001,1"], "--layer-structure"),
     ("hn-truncated", lambda w: _hn(w, "--hypernetwork", str(w / "hn-truncated.pt")), "truncated"),
     ("hn-garbage", lambda w: _hn(w, "--hypernetwork", str(w / "garbage.pt")), "garbage.pt"),
     ("hn-fifo", lambda w: _hn(w, "--hypernetwork", str(w / "fifo")), "FIFO"),

@@ -201,6 +201,7 @@ def test_bad_files_are_refused_with_one_line(tmp_path):
         _bad(tmp_path, "act.pt", {**d, "activation_func": "frobnicate"}): "unknown activation",
         _bad(tmp_path, "dlen.pt", {**d, "dropout_structure": [0, 0.3]}): "must have 3 entries",
         _bad(tmp_path, "dp.pt", {**d, "dropout_structure": [0, 1.0, 0]}): r"\[0, 1\)",
+        _bad(tmp_path, "dends.pt", {**d, "dropout_structure": [0.2, 0, 0.1]}): "start and end with 0",
         _bad(tmp_path, "shape.pt", {**d, 24: (d[40][0], d[24][1])}): "shape",
         _bad(tmp_path, "keys.pt", {**d, "is_layer_norm": True}): "keys do not fit",
         _bad(tmp_path, "nan.pt", {**d, 24: ({k: v * float("nan") for k, v in d[24][0].items()}, d[24][1])}): "NaN",

@@ -75,6 +75,9 @@ def cmd_create_hypernetwork(a) -> int:
             raise HypernetworkError(f"{path} exists (pass --overwrite to replace it)")
         widths = model_widths(a.model)
         sizes = check_widths(sizes, widths) if sizes is not None else widths
+        why = structure.problem(sizes, creating=True)       # now with the model's widths
+        if why:
+            raise HypernetworkError(f"--layer-structure: {why}")
         hn = new_hypernetwork(name, sizes, structure, seed=a.seed)
         make_dir(out, "--out")
         hn.save(path)

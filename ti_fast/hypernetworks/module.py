@@ -92,7 +92,7 @@ class Structure:
             return f"dropout structure {list(ds)} must have {len(ls)} entries, one per layer-structure entry"
         if not all(_is_number(p) and 0 <= p < 1 for p in ds):
             return f"dropout structure {list(ds)}: every p must be in [0, 1)"
-        if creating and (ds[0] != 0 or ds[-1] != 0):
+        if ds[0] != 0 or ds[-1] != 0:         # A1111's module asserts it when it loads a file too
             return f"dropout structure {list(ds)} must start and end with 0"
         for w in widths:
             if any(int(w * x) < 1 for x in ls):
