@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,11 +125,13 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     from ..loading import load_model
 
     validate(cfg)
-    say = (lambda *a: None) if cfg.quiet else print
+    say = (lambda *a: None) if cfg.quiet else print            # the images' paths: stdout
+    # notes and skipped files: stderr, one `ti-fast:` line each, so stdout stays the list of images
+    note = (lambda m: None) if cfg.quiet else (lambda m: print(f"ti-fast: {m}", file=sys.stderr))
     # <hypernet:...> tags out of both prompts, their files read and checked before the model loads
-    plan = plan_prompts(cfg.prompt, cfg.negative_prompt, cfg.hypernetworks, warn=say)
+    plan = plan_prompts(cfg.prompt, cfg.negative_prompt, cfg.hypernetworks, warn=note)
     for tag in plan.ignored:
-        say(f"ti-fast: {tag.text} removed from the prompt and not applied (ti-fast applies hypernet tags only)")
+        note(f"{tag.text} removed from the prompt and not applied (ti-fast applies hypernet tags only)")
     _check_hypernetwork_widths(plan.hypernetworks, cfg.model, model)
     make_dir(cfg.out, "--out")           # made now: a place that cannot hold it fails before sampling
     dev = resolve_device(cfg.device)
@@ -137,7 +140,7 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
                            vae=cfg.vae, tokenizer=cfg.tokenizer)
     check_fits(model, cfg.batch, cfg.width, cfg.height, dev, error=GenerateError)
     width = model.text_encoder.config.width
-    lib = load_library(cfg.embeddings, width=width, warn=say) if cfg.embeddings else {}
+    lib = load_library(cfg.embeddings, width=width, warn=note) if cfg.embeddings else {}
     ptok = PromptTokenizer(model.tokenizer, {n: e.vectors.shape[0] for n, e in lib.items()})
     vectors = torch.cat([lib[n].vectors for n in ptok.rows]) if ptok.rows else None
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**32)

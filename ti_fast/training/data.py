@@ -211,7 +211,7 @@ def prepare_dataset(data_dir, *, recursive: bool = False, width: int = 512, heig
             caption = caption_for(p, word_regex, join)
         except DataError as e:
             skipped.append((p, str(e)))
-            warn(f"skipping {p}: {e}")
+            warn(f"ti-fast: skipping {p}: {e}")
             continue
         size = assign_bucket(img.width, img.height, sizes) if buckets else (width, height)
         pixels, a8 = _fit(img, alpha, size[0], size[1], resize)
