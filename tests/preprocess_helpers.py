@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+from ci_helpers import skip_or_fail
 
 
 def need(module: str, install: str):
@@ -23,9 +19,7 @@ def need(module: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        if in_ci():
-            pytest.fail(f"{module} is missing under CI: {install}")
-        pytest.skip(f"{module} not installed ({install})")
+        skip_or_fail(f"{module} is not installed ({install})")
 
 
 def need_cv2():

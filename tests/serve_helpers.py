@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ci_helpers import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = ("completed", "cancelled", "interrupted", "failed")
 
@@ -24,10 +26,7 @@ def require_serve() -> None:
     """The [serve] extra; under CI=1 its absence fails the test instead of skipping it."""
     missing = [m for m in ("fastapi", "uvicorn", "httpx", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
-        msg = f"the [serve] extra is missing ({', '.join(missing)}): pip install -e '.[serve]'"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail(f"the [serve] extra is missing ({', '.join(missing)}): pip install -e '.[serve]'")
 
 
 class LiveServer:

@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from ci_helpers import skip_or_fail
 from serve_helpers import ChildServer, demo_files, job_config, require_serve, submit, upload, wait_job
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -35,10 +36,7 @@ def require_browser() -> None:
     if importlib.util.find_spec("selenium") is None:
         missing.append("selenium (pip install -e '.[web-test]')")
     if missing:
-        msg = f"the browser test needs {', '.join(missing)} (apt-get install -y chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail(f"the browser test needs {', '.join(missing)} (apt-get install -y chromium chromium-driver)")
 
 
 def stop(srv: ChildServer) -> None:
