@@ -185,3 +185,24 @@ def test_datasets_list_add_delete(live):
         assert "extra" in {d["name"] for d in c.get("/api/v1/datasets").json()}
         assert c.delete("/api/v1/datasets/extra").status_code == 200
         assert c.get("/api/v1/datasets/extra").status_code == 404
+
+
+def test_max_running_queues_the_rest_until_a_place_frees(tiny_single, tmp_path):
+    """--max-running 1: a second job waits in the queue while the first trains, then runs."""
+    require_serve()
+    srv = LiveServer(tmp_path / "home", tiny_single, max_running=1)
+    try:
+        with srv.client() as c:
+            assert upload(c, "rings").status_code == 201
+            first = submit(c, job_config("srvq_first", "rings", steps=5000))
+            second = submit(c, job_config("srvq_second", "rings", steps=3))
+            wait_job(c, first["id"], step=3)
+            assert c.get(f"/api/v1/jobs/{second['id']}").json()["status"] == "queued"
+            wait_job(c, first["id"], step=6)                       # still queued a few steps on
+            assert c.get(f"/api/v1/jobs/{second['id']}").json()["status"] == "queued"
+            assert c.post(f"/api/v1/jobs/{first['id']}/cancel").status_code == 200
+            done = wait_job(c, second["id"])
+            assert done["status"] == "completed" and done["step"] == 3 and done["peak_runs"] == 1
+            assert wait_job(c, first["id"])["status"] == "cancelled"
+    finally:
+        srv.stop()
