@@ -301,6 +301,10 @@ CASES = [
     ("hn-file-dropout-ends", lambda w: _hn(w, "--hypernetwork", str(w / "hn-dropout-ends.pt")), "end with 0"),
     ("hn-create-width-zero", lambda w: ["create-hypernetwork", "x", "--model", str(w / "model"), "--out",
                                         str(w / "out"), "--layer-structure", "1,0.001,1"], "--layer-structure"),
+    ("gen-embeddings-names-a-hypernetwork", lambda w: _gen(w, "--embeddings", str(w / "hn-good.pt")),
+     "hypernetwork, not an embedding"),
+    ("gen-hypernetworks-names-an-embedding", lambda w: _gen(w, "--hypernetworks", str(w / "emb32.pt")), "emb32.pt"),
+    ("gen-hypernetworks-truncated", lambda w: _gen(w, "--hypernetworks", str(w / "hn-truncated.pt")), "truncated"),
     ("hn-truncated", lambda w: _hn(w, "--hypernetwork", str(w / "hn-truncated.pt")), "truncated"),
     ("hn-garbage", lambda w: _hn(w, "--hypernetwork", str(w / "garbage.pt")), "garbage.pt"),
     ("hn-fifo", lambda w: _hn(w, "--hypernetwork", str(w / "fifo")), "FIFO"),
@@ -334,8 +338,8 @@ CASES = [
 
 
 # Refusals that need the model (its files, tokenizer, width or layer count): the loader makes them.
-LOADER_CASES = ("model-", "tokenizer-", "embedding-wrong-width", "clip-skip-beyond-layers",
-                "vectors-do-not-fit-the-template")
+LOADER_CASES = ("model-", "gen-model-", "tokenizer-", "embedding-wrong-width", "clip-skip-beyond-layers",
+                "vectors-do-not-fit-the-template", "gen-too-big")
 
 
 def _no_model(*args, **kwargs):
@@ -372,8 +376,10 @@ def test_case_ids_are_unique_and_many():
 def test_in_process_one_line_exit_2(ws, case, capsys, monkeypatch):
     name, argv, fragment = case
     if not name.startswith(LOADER_CASES):   # refused before the model loads: loading it is a bug (exit 1)
+        import ti_fast.loading
         import ti_fast.training.group as group
         monkeypatch.setattr(group, "load_for_training", _no_model)
+        monkeypatch.setattr(ti_fast.loading, "load_model", _no_model)      # generate's
     before = _tree(ws, OUTPUTS)
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(TIMEOUT_S)

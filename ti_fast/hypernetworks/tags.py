@@ -123,7 +123,9 @@ def plan_prompts(prompt: str, negative_prompt: str, sources=(), warn: Callable[[
     objects = {(h.path.stem if h.path else h.name): h for h in sources if isinstance(h, Hypernetwork)}
     paths = [s for s in sources if not isinstance(s, Hypernetwork)]
     library = find_hypernetworks(paths, warn) if paths else {}
-    loaded: dict[Path, Hypernetwork] = {}
+    # a file named directly is read now, used or not: a broken one is refused before the model loads
+    named = {Path(s) for s in paths if Path(s).is_file()}
+    loaded: dict[Path, Hypernetwork] = {p: read_hypernetwork(p) for p in library.values() if p in named}
     chosen = []
     for name, strength in requests:
         if name in objects:

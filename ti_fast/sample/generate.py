@@ -19,7 +19,7 @@ from ..diffusion import samplers as S
 from ..diffusion.conditioning import grey_latent, inpaint_concat
 from ..diffusion.sampling import MAX_SIDE, check_fits, sample_images, to_pil
 from ..errors import ConfigError
-from ..fsutil import check_writable_dir, make_dir, special_reason
+from ..fsutil import check_writable_dir, kind_of, make_dir, special_reason
 from ..infotext import VERSION, make_infotext, write_png_with_infotext
 from ..prompt import PromptTokenizer
 
@@ -120,7 +120,7 @@ def _check_hypernetwork_widths(chosen, model_path, model) -> None:
 
 def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     """Load (unless given), sample cfg.batch images, write PNGs with infotext into cfg.out."""
-    from ..embeddings import load_library
+    from ..embeddings import load_library, read_embedding
     from ..hypernetworks import attached, plan_prompts
     from ..loading import load_model
 
@@ -133,6 +133,9 @@ def generate(cfg: GenerateConfig, model=None) -> GenerateResult:
     for tag in plan.ignored:
         note(f"{tag.text} removed from the prompt and not applied (ti-fast applies hypernet tags only)")
     _check_hypernetwork_widths(plan.hypernetworks, cfg.model, model)
+    for path in cfg.embeddings or []:    # a file named directly (not a folder's) is refused if broken
+        if kind_of(path) not in ("folder", "missing"):
+            read_embedding(path)             # (a FIFO or device: refused unopened)
     make_dir(cfg.out, "--out")           # made now: a place that cannot hold it fails before sampling
     dev = resolve_device(cfg.device)
     if model is None:
