@@ -58,3 +58,19 @@ def test_generate_sampler_choices_match_the_registry():
     from ti_fast.sample import cli as sample_cli
     from ti_fast.sample import generate as G
     assert sample_cli.SAMPLER_NAMES == tuple(G.S.SAMPLERS)
+
+
+def test_generate_sets_threads_at_its_entry(tiny_single, tmp_path, monkeypatch):
+    """`ti-fast generate` chooses torch's CPU thread count at the command's entry as train does:
+    --threads N, else half the cores (OMP_NUM_THREADS unset); a bad count is refused first."""
+    import torch
+    from ti_fast.cli import main
+    from ti_fast.devices import default_threads
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    base = ["generate", "--model", str(tiny_single), "--prompt", "a ring", "--out", str(tmp_path / "g"),
+            "--device", "cpu", "--width", "64", "--height", "64", "--steps", "1", "--quiet"]
+    assert main(base + ["--threads", "3"]) == 0 and calls == [3]
+    assert main(base) == 0 and calls == [3, default_threads()]
+    assert main(base + ["--threads", "0"]) == 2 and calls == [3, default_threads()]

@@ -195,26 +195,13 @@ def train_group(runs) -> int:
     return 130 if any(r.status == "interrupted" for r in results) else 0
 
 
-def default_threads() -> int:
-    """Half the cores this process may use (at least 1): the UNet's CPU kernels scale poorly
-    past that, and on a shared machine spinning OpenMP workers on every core slow everyone down
-    (the demo on a busy 2-core machine: 48-125 s with all threads, 7.5 s with one)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
-
-
 def process_settings(cfg) -> None:
     """What a run changes for the whole process, done here at the CLI's entry and never inside
     train(): torch's CPU thread count (--threads, else OMP_NUM_THREADS as torch read it, else
     default_threads()) and, for --low-vram/--offload on CUDA, expandable allocator segments."""
     import torch
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    elif not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(default_threads())
+    from .devices import set_cpu_threads
+    set_cpu_threads(cfg.threads)
     if (cfg.low_vram or cfg.offload) and torch.cuda.is_available():
         from .training.lowvram import lean_allocator
         lean_allocator()

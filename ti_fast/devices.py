@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -48,3 +49,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_threads() -> int:
+    """Half the cores this process may use (at least 1): the UNet's CPU kernels scale poorly
+    past that, and on a shared machine spinning OpenMP workers on every core slow everyone down
+    (the demo on a busy 2-core machine: 48-125 s with all threads, 7.5 s with one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """torch's CPU thread count, set at a command's entry (never inside train() or generate()):
+    `threads` (--threads), else OMP_NUM_THREADS as torch read it, else default_threads()."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(default_threads())

@@ -30,12 +30,20 @@ def add_generate_parser(sub):
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "full"), help="(default: auto)")
     g.add_argument("--vae", default=None, help="separate VAE file")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder when the model has none")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS, else half the cores)")
     g.add_argument("--quiet", action="store_true", help="print nothing")
     g.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(a) -> int:
     """Refusals (ti_fast.errors.UserError) become one line and exit 2 in ti_fast.cli.run_command."""
+    from ..devices import set_cpu_threads
+    from ..errors import ConfigError
     from .generate import GenerateConfig, generate
-    generate(GenerateConfig(**{k: v for k, v in vars(a).items() if k not in ("cmd", "func")}))
+    cfg = GenerateConfig(**{k: v for k, v in vars(a).items() if k not in ("cmd", "func", "threads")})
+    if a.threads is not None and not 1 <= a.threads <= 1024:
+        raise ConfigError(f"--threads {a.threads}: from 1 to 1024")
+    set_cpu_threads(a.threads)          # at the command's entry, as `train` does: generate() sets nothing
+    generate(cfg)
     return 0
