@@ -206,3 +206,11 @@ def test_max_running_queues_the_rest_until_a_place_frees(tiny_single, tmp_path):
             assert wait_job(c, first["id"])["status"] == "cancelled"
     finally:
         srv.stop()
+
+
+def test_errors_name_paths_under_home_as_HOME(live):
+    (live.home / "datasets" / "srvempty").mkdir()                # no image: refused at submit
+    with live.client() as c:
+        r = c.post("/api/v1/jobs", json={"kind": "embedding", "config": job_config("srvempty", "srvempty")})
+    assert r.status_code == 400 and "HOME/datasets/srvempty" in r.json()["error"], r.text
+    assert str(live.home) not in r.text

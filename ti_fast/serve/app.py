@@ -71,7 +71,7 @@ def create_app(state) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError):
-        return error_response(status_of(e), str(e), field=True)
+        return error_response(status_of(e), state.home.public(str(e)), field=True)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -94,7 +94,7 @@ def create_app(state) -> FastAPI:
             where = f" (traceback in {state.home.relative(path)})"
         except OSError:
             where = ""
-        return error_response(500, f"internal error: {type(e).__name__}: {e}{where}")
+        return error_response(500, state.home.public(f"internal error: {type(e).__name__}: {e}{where}"))
 
     app.include_router(api_library.router(state))
     app.include_router(api_jobs.router(state))

@@ -68,6 +68,11 @@ class Home:
                 raise PathRefused(f"--home {self.root}: {sub} must be a plain folder (not a link or a file)")
             d.mkdir(exist_ok=True)
 
+    def public(self, text: str | None) -> str | None:
+        """A message for clients: paths under the home folder as HOME/..., so a job's error does
+        not show where the server keeps its files."""
+        return None if text is None else str(text).replace(str(self.root), "HOME")
+
     @property
     def db_path(self) -> Path:
         return self.root / "jobs.sqlite"

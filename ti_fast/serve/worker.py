@@ -252,7 +252,7 @@ class Worker:
         files = _files(job, {**(getattr(result, "files", None) or {}), **(info.get("files") or {})}, result)
         step = info.get("step", getattr(result, "steps", None))
         loss = info.get("loss", getattr(result, "final_loss", None))
-        fields = {"finished": time.time(), "files": files, "error": info.get("error") or error}
+        fields = {"finished": time.time(), "files": files, "error": self.home.public(info.get("error") or error)}
         fields.update({k: v for k, v in (("step", step), ("loss", loss), ("end_step", info.get("end_step"))) if v is not None})
         peak = max(job["peak_runs"] or 0, int(info.get("active_runs") or 0))
         self.store.transition(job_id, ("running", "queued"), status, peak_runs=peak, **fields)
