@@ -18,6 +18,9 @@ FACE = (180, 78, 270, 178)
 # Cuts that are not square (focal crop only applies to those): (left, top, right, bottom).
 PORTRAIT_CUT = (100, 0, 356, 512)      # 256x512, face at x 80..170, y 78..178
 LANDSCAPE_CUT = (0, 0, 512, 256)       # 512x256, face at x 180..270, y 78..178
+# 362x256, face at x 30..120: here a plain centre crop (x 53..309) would cut the face, so keeping
+# it is the face detection's doing (in the two cuts above the centre already holds it)
+OFF_CENTRE_CUT = (150, 0, 512, 256)
 
 
 def astronaut() -> Image.Image:
@@ -33,11 +36,15 @@ def contains(box, inner) -> bool:
     return box[0] <= inner[0] and box[1] <= inner[1] and inner[2] <= box[2] and inner[3] <= box[3]
 
 
-@pytest.mark.parametrize("cut", [PORTRAIT_CUT, LANDSCAPE_CUT], ids=["256x512", "512x256"])
+@pytest.mark.parametrize("cut", [PORTRAIT_CUT, LANDSCAPE_CUT, OFF_CENTRE_CUT],
+                         ids=["256x512", "512x256", "362x256-face-off-centre"])
 def test_focal_crop_keeps_the_face(cut):
     need_cv2()
     img = astronaut().crop(cut)
     face = face_in(cut)
+    if cut == OFF_CENTRE_CUT:
+        left = (img.width - 256) // 2
+        assert not contains((left, 0, left + 256, 256), face)          # the centre crop would lose it
     crop, focus, _ = focal_crop(img, 256, 256)
     assert crop.size == (256, 256) and focus.scaled == img.size        # covers already: scale 1
     assert focus.points["faces"], "no Haar cascade found the face"
